@@ -1,0 +1,66 @@
+"""Shared helpers. Anything that imports Unsloth runs in a child process: Unsloth
+patches transformers globally on import, which would leak between tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+requires_unsloth = pytest.mark.skipif(find_spec("unsloth") is None, reason="Unsloth is not installed")
+
+# A stand-in for "Unsloth is not installed" (named as such): hides unsloth and
+# unsloth_zoo from both the import system and package metadata in the child.
+HIDE_UNSLOTH = textwrap.dedent(
+    """
+    import sys, importlib.abc, importlib.metadata as _md
+    _HIDDEN = ("unsloth", "unsloth_zoo")
+    class _HideUnsloth(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in _HIDDEN:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+    sys.meta_path.insert(0, _HideUnsloth())
+    _version = _md.version
+    def _hidden_version(name):
+        if name.replace("-", "_") in _HIDDEN:
+            raise _md.PackageNotFoundError(name)
+        return _version(name)
+    _md.version = _hidden_version
+    """
+)
+
+
+def run_python(
+    code: str, *, env: dict[str, str] | None = None, args: list[str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("UNSLOTH")}
+    child_env["PYTHONPATH"] = os.pathsep.join([str(REPO), child_env.get("PYTHONPATH", "")])
+    child_env.update(env or {})
+    command = [sys.executable, *(args or ["-c", textwrap.dedent(code)])]
+    # Unsloth writes unsloth_compiled_cache/ into the working directory: keep it out of the tree.
+    with tempfile.TemporaryDirectory() as workdir:
+        return subprocess.run(
+            command, env=child_env, capture_output=True, text=True, timeout=timeout, cwd=workdir
+        )
+
+
+def child_status(prelude: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``unsloth_qwen_compat.status()`` as seen by a fresh child process."""
+    done = run_python(
+        prelude + "\nimport json, warnings\nwarnings.simplefilter('always')\n"
+        "import unsloth_qwen_compat as m\nprint(json.dumps(m.status()))",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"_stderr": done.stderr}

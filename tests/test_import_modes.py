@@ -1,0 +1,151 @@
+"""``import unsloth_qwen_compat`` in each situation it must survive, each in a fresh child."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import HIDE_UNSLOTH, child_status, requires_unsloth, run_python
+
+PATCH_SLOTS = {
+    "qwen3_registration",
+    "rope_scaling",
+    "lora_target_maps",
+    "chat_templates",
+    "qwen2_fused_qkv_bias",
+}
+
+
+def _verdicts(status: dict) -> dict[str, str]:
+    return {p["name"]: p["verdict"] for p in status["patches"]}
+
+
+def test_without_unsloth_import_works_and_says_it_is_missing() -> None:
+    # Stand-in for an uninstalled Unsloth: the child hides it from imports and metadata.
+    status = child_status(HIDE_UNSLOTH)
+    assert status["environment"]["unsloth_mode"] == "missing"
+    assert status["environment"]["versions"]["unsloth"] is None
+    assert set(_verdicts(status)) == PATCH_SLOTS
+    assert set(_verdicts(status).values()) == {"unsupported"}
+    assert all("not installed" in p["reason"] for p in status["patches"])
+    assert status["verdict"] == "nothing to patch: Unsloth missing"
+    assert "UnslothQwenCompatWarning" not in status["_stderr"]  # nothing went wrong
+
+
+def test_broken_unsloth_import_warns_and_leaves_hf_usable(tmp_path) -> None:
+    # Stand-in for a broken install: an `unsloth` package whose import raises.
+    fake = tmp_path / "unsloth"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('CUDA driver too old')\n")
+    status = child_status(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})")
+    assert status["environment"]["unsloth_mode"] == "import-failed"
+    assert "CUDA driver too old" in status["environment"]["unsloth_error"]
+    assert set(_verdicts(status).values()) == {"unsupported"}
+    assert status["_stderr"].count("UnslothQwenCompatWarning") == 1
+
+
+@requires_unsloth
+def test_cpu_fallback_mode_patches_nothing() -> None:
+    status = child_status()
+    if status["environment"]["gpu"] is not None:
+        pytest.skip("a GPU is present: this case is about machines without one")
+    assert status["environment"]["unsloth_mode"] == "cpu-fallback"
+    assert set(_verdicts(status).values()) == {"unsupported"}
+    assert all("CPU fallback" in p["reason"] for p in status["patches"])
+    assert all(p["action"] == "skipped" for p in status["patches"])
+
+
+@requires_unsloth
+def test_allow_cpu_revert_puts_back_the_same_objects() -> None:
+    code = """
+        import json
+        import unsloth.models.llama as llama
+        before = {"_extended_rope_scaling": llama._extended_rope_scaling,
+                  "get_peft_model": llama.FastLlamaModel.__dict__["get_peft_model"]}
+        import unsloth_qwen_compat as m
+        during = {"_extended_rope_scaling": llama._extended_rope_scaling,
+                  "get_peft_model": llama.FastLlamaModel.__dict__["get_peft_model"]}
+        applied = m.shim().applied()
+        m.revert()
+        after = {"_extended_rope_scaling": llama._extended_rope_scaling,
+                 "get_peft_model": llama.FastLlamaModel.__dict__["get_peft_model"]}
+        m.apply()
+        again = m.shim().applied()
+        m.revert()
+        final = {"_extended_rope_scaling": llama._extended_rope_scaling,
+                 "get_peft_model": llama.FastLlamaModel.__dict__["get_peft_model"]}
+        print(json.dumps({
+            "applied": applied, "again": again,
+            "changed": {k: during[k] is not before[k] for k in before},
+            "restored": {k: after[k] is before[k] for k in before},
+            "restored_twice": {k: final[k] is before[k] for k in before},
+            "status": m.status(),
+        }))
+    """
+    done = run_python(code, env={"UNSLOTH_ALLOW_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    status = out["status"]
+    assert status["environment"]["unsloth_mode"] == "cpu-allowed"
+    verdicts = _verdicts(status)
+    assert set(verdicts) == PATCH_SLOTS
+    # 2026.10.9 (the CI pin) was measured to need exactly these; see DESIGN.md section 1.
+    if status["tested_leg"] == "2026.10":
+        assert verdicts == {
+            "qwen3_registration": "native",
+            "rope_scaling": "needed",
+            "lora_target_maps": "needed",
+            "chat_templates": "native",
+            "qwen2_fused_qkv_bias": "needed",
+        }
+        assert sorted(out["applied"]) == ["lora_target_maps", "rope_scaling"]
+    assert out["again"] == out["applied"]
+    assert all(out["changed"].values())
+    assert all(out["restored"].values())
+    assert all(out["restored_twice"].values())
+    assert all(p["action"] == "reverted" for p in status["patches"] if p["name"] in out["applied"])
+
+
+@requires_unsloth
+def test_disable_variable_turns_every_patch_off() -> None:
+    status = child_status(env={"UNSLOTH_QWEN_COMPAT_DISABLE": "1", "UNSLOTH_ALLOW_CPU": "1"})
+    assert set(_verdicts(status)) == PATCH_SLOTS
+    assert set(_verdicts(status).values()) == {"disabled"}
+    assert status["verdict"].startswith("shim disabled")
+    import_and_check = run_python(
+        "import unsloth_qwen_compat as m, unsloth.models.llama as l\n"
+        "assert not getattr(l._extended_rope_scaling, '__unsloth_qwen_compat__', False)\n"
+        "assert m.shim().applied() == []",
+        env={"UNSLOTH_QWEN_COMPAT_DISABLE": "1", "UNSLOTH_ALLOW_CPU": "1"},
+    )
+    assert import_and_check.returncode == 0, import_and_check.stderr[-2000:]
+
+
+@requires_unsloth
+def test_import_after_transformers_works_and_says_what_it_costs() -> None:
+    status = child_status(
+        "import transformers\nfrom transformers.models.qwen3 import modeling_qwen3",
+        env={"UNSLOTH_ALLOW_CPU": "1"},
+    )
+    assert status["environment"]["transformers_imported_first"] is True
+    note = " ".join(status["notes"])
+    assert "transformers was imported before Unsloth" in note
+    assert "transformers.models.qwen3.modeling_qwen3" in note
+    assert "UnslothQwenCompatWarning" in status["_stderr"]
+    assert status["verdict"].startswith("shim needed for")  # the shim still did its job
+
+
+@pytest.mark.gpu
+@requires_unsloth
+def test_with_a_gpu_patches_apply_for_real() -> None:
+    status = child_status()
+    if status["environment"]["gpu"] is None:
+        pytest.skip("no CUDA GPU here: runs on the GPU machine")
+    assert status["environment"]["unsloth_mode"] == "gpu"
+    assert set(_verdicts(status)) == PATCH_SLOTS
+    applied = [p["name"] for p in status["patches"] if p["action"] == "applied"]
+    needed = [p["name"] for p in status["patches"] if p["verdict"] == "needed" and p["fixable"]]
+    assert "rope_scaling" in needed
+    assert set(applied) <= set(needed) and "rope_scaling" in applied
+    assert status["timings"]["shim_s"] < 0.1

@@ -1,0 +1,197 @@
+"""unsloth-qwen-compat: import before training to make the installed Unsloth right for Qwen.
+
+On import this module imports Unsloth, probes what the installed release does for
+Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE, and patches only what is missing or wrong. It
+never raises because Unsloth is absent, broken or without a GPU: it records why in the
+ledger (:func:`status`) and leaves the plain Hugging Face path usable.
+``UNSLOTH_QWEN_COMPAT_DISABLE=1`` turns every patch off (stock Unsloth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+from . import _env
+from ._matrix import LEGS, matching_leg, newest_tested_unsloth
+from ._registry import Action, LedgerEntry, PatchError, Shim, Verdict
+from ._version import __version__
+from .patches import all_patches
+
+DISABLE_VARIABLE = "UNSLOTH_QWEN_COMPAT_DISABLE"
+
+#: Patches that fix wrong numerics or missing models; a needed one left unapplied is warned about.
+CORRECTNESS_PATCHES = ("qwen3_registration", "rope_scaling", "lora_target_maps", "chat_templates")
+
+
+class UnslothQwenCompatWarning(UserWarning):
+    """The shim could not fully do its job in this process."""
+
+
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _import_unsloth() -> _env.UnslothState:
+    try:
+        spec = importlib.util.find_spec("unsloth")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return _env.UnslothState(_env.MODE_MISSING)
+    try:
+        # Unsloth prints banners while importing; keep stdout for the caller's own output
+        # (``status --json`` must hold nothing but JSON).
+        with contextlib.redirect_stdout(sys.stderr):
+            module = importlib.import_module("unsloth")
+    except Exception as exc:  # a broken Unsloth must not break the HF path
+        return _env.UnslothState(_env.MODE_IMPORT_FAILED, error=f"{type(exc).__name__}: {exc}")
+    return _env.UnslothState(_env.unsloth_mode_after_import(module), module=module)
+
+
+class _State:
+    """Everything the import decided, kept for :func:`status`."""
+
+    def __init__(self) -> None:
+        started = time.perf_counter()
+        transformers_first = "transformers" in sys.modules and "unsloth" not in sys.modules
+        unsloth_state = _import_unsloth()
+        self.unsloth_import_seconds = time.perf_counter() - started
+        self.env = _env.Environment(
+            python=_env.describe_python(),
+            platform=sys.platform,
+            versions=_env.read_versions(),
+            gpu=_env.detect_gpu(),
+            unsloth=unsloth_state,
+            transformers_imported_first=transformers_first,
+        )
+        self.leg = matching_leg(self.env)
+        self.notes: list[str] = []
+        self.shim = Shim(all_patches())
+        probe_started = time.perf_counter()
+        if _disabled():
+            self.shim.disable_all(f"{DISABLE_VARIABLE} is set")
+        else:
+            self.shim.probe_all(self.env)
+            self.shim.apply(self.env)  # applies only `needed` verdicts, which need usable Unsloth
+        self.shim_seconds = time.perf_counter() - probe_started
+        self._note_and_warn()
+
+    def _note_and_warn(self) -> None:
+        env, problems = self.env, []
+        if env.unsloth.mode == _env.MODE_IMPORT_FAILED:
+            problems.append(f"`import unsloth` failed ({env.unsloth.error}); only the HF path works")
+        if env.transformers_imported_first:
+            loaded = sorted(m for m in sys.modules if m.startswith("transformers.models.qwen"))
+            self.notes.append(
+                "transformers was imported before Unsloth: Unsloth's import-time patches do not "
+                "reach model classes already loaded"
+                + (f" ({', '.join(loaded)})" if loaded else "")
+                + " and Unsloth warns; import unsloth_qwen_compat first. "
+                "The shim's own patches are unaffected (they patch Unsloth, not transformers)."
+            )
+            if loaded:
+                problems.append(self.notes[-1])
+        unsloth_version = env.version("unsloth")
+        if unsloth_version is not None and env.unsloth.usable and self.leg is None:
+            newer = _env.release_of(unsloth_version) > newest_tested_unsloth()
+            self.notes.append(
+                f"unsloth {unsloth_version} + transformers {env.versions.get('transformers')} is "
+                "outside the tested matrix"
+                + (
+                    " (newer than every tested leg: only probe-confirmed patches are applied)"
+                    if newer
+                    else ""
+                )
+                + "; run `python -m unsloth_qwen_compat doctor` for the tested pins"
+            )
+            problems.append(self.notes[-1])
+        if env.prerelease:
+            self.notes.append(f"pre-release builds installed: {', '.join(env.prerelease)}")
+        for entry in self.shim.ledger.values():
+            if entry.action is Action.FAILED:
+                problems.append(f"patch {entry.name} failed: {entry.detail}")
+            elif entry.action is Action.NOT_IMPLEMENTED and entry.name in CORRECTNESS_PATCHES:
+                problems.append(f"{entry.name} is needed ({entry.reason}) but not fixed by this release")
+        if problems:
+            warnings.warn(
+                "unsloth_qwen_compat: " + "; ".join(problems), UnslothQwenCompatWarning, stacklevel=3
+            )
+
+    def verdict_line(self) -> str:
+        ledger = self.shim.ledger.values()
+        if all(e.verdict is Verdict.DISABLED for e in ledger):
+            return f"shim disabled ({DISABLE_VARIABLE} is set): stock Unsloth"
+        if not self.env.unsloth.usable:
+            return f"nothing to patch: Unsloth {self.env.unsloth.mode}"
+        needed = [e.name for e in ledger if e.verdict is Verdict.NEEDED]
+        if needed:
+            return "shim needed for: " + ", ".join(needed)
+        if all(e.verdict is Verdict.NATIVE for e in ledger):
+            return "everything is native: the shim can be retired"
+        return "nothing needed, but some patches could not be judged (see unsupported)"
+
+
+_state = _State()
+
+
+def status() -> dict[str, Any]:
+    """The ledger: versions, GPU, Unsloth's mode, each patch's verdict and action, notes."""
+    return {
+        "unsloth_qwen_compat": __version__,
+        "environment": _state.env.as_dict(),
+        "tested_leg": None if _state.leg is None else _state.leg.name,
+        "patches": [entry.as_dict() for entry in _state.shim.ledger.values()],
+        "verdict": _state.verdict_line(),
+        "notes": list(_state.notes),
+        "timings": {
+            "unsloth_import_s": round(_state.unsloth_import_seconds, 4),
+            "shim_s": round(_state.shim_seconds, 4),
+        },
+    }
+
+
+def environment() -> _env.Environment:
+    return _state.env
+
+
+def apply(names: list[str] | None = None) -> dict[str, LedgerEntry]:
+    """Apply needed patches (all, or ``names``) again after :func:`revert`. Idempotent."""
+    if _disabled():
+        return _state.shim.ledger
+    for entry in _state.shim.ledger.values():
+        if entry.action is Action.REVERTED:
+            entry.action = Action.PENDING
+    return _state.shim.apply(_state.env, names)
+
+
+def revert(names: list[str] | None = None) -> None:
+    """Restore exactly what the applied patches (all, or ``names``) replaced."""
+    _state.shim.revert(names)
+
+
+def shim() -> Shim:
+    """The live registry (for tests and tooling)."""
+    return _state.shim
+
+
+__all__ = [
+    "LEGS",
+    "Action",
+    "LedgerEntry",
+    "PatchError",
+    "UnslothQwenCompatWarning",
+    "Verdict",
+    "__version__",
+    "apply",
+    "environment",
+    "revert",
+    "shim",
+    "status",
+]

@@ -1,0 +1,224 @@
+"""The patch contract: probe -> verdict, all-or-nothing apply, exact revert, a ledger.
+
+A patch never edits files. Every change it makes goes through :class:`AttributeSwaps`,
+which remembers what stood there before, so that a failure half-way through and an
+explicit :meth:`Shim.revert` both put back the very same objects (``is``-identical).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from collections.abc import Iterable, MutableMapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from ._env import Environment
+
+logger = logging.getLogger("unsloth_qwen_compat")
+
+
+class Verdict(str, enum.Enum):
+    NEEDED = "needed"  # the installed Unsloth lacks this or gets it wrong
+    NATIVE = "native"  # upstream already does it right: the patch stays out
+    UNSUPPORTED = "unsupported"  # cannot be judged or applied here (no Unsloth, CPU mode, ...)
+    DISABLED = "disabled"  # UNSLOTH_QWEN_COMPAT_DISABLE is set
+
+
+class Action(str, enum.Enum):
+    PENDING = "pending"  # probed, nothing done yet
+    APPLIED = "applied"
+    SKIPPED = "skipped"  # verdict says there is nothing to do
+    NOT_IMPLEMENTED = "not implemented"  # needed, but this release has no patch body yet
+    FAILED = "failed"  # apply raised; everything it had changed was restored
+    REVERTED = "reverted"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    verdict: Verdict
+    reason: str
+    #: False when the defect found is one this release cannot fix yet (reported, not patched).
+    fixable: bool = True
+
+
+def needed(reason: str, *, fixable: bool = True) -> ProbeResult:
+    return ProbeResult(Verdict.NEEDED, reason, fixable)
+
+
+def native(reason: str) -> ProbeResult:
+    return ProbeResult(Verdict.NATIVE, reason)
+
+
+def unsupported(reason: str) -> ProbeResult:
+    return ProbeResult(Verdict.UNSUPPORTED, reason)
+
+
+class PatchError(RuntimeError):
+    """A patch could not be applied; nothing it touched stays changed."""
+
+
+_MISSING = object()
+
+
+class AttributeSwaps:
+    """Records replaced attributes and mapping items so they can be put back exactly.
+
+    Only what was in the owner's own ``__dict__`` counts as "there before": an
+    attribute a class merely inherits is removed again on restore, not copied down.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Any, Any, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._undo)
+
+    def set_attr(self, owner: Any, name: str, value: Any) -> None:
+        original = vars(owner).get(name, _MISSING) if hasattr(owner, "__dict__") else _MISSING
+        setattr(owner, name, value)
+        self._undo.append(("attr", owner, name, original))
+
+    def set_item(self, mapping: MutableMapping[Any, Any], key: Any, value: Any) -> None:
+        original = mapping.get(key, _MISSING)
+        mapping[key] = value
+        self._undo.append(("item", mapping, key, original))
+
+    def targets(self) -> list[tuple[Any, Any]]:
+        """(owner, name-or-key) of everything changed, in the order it was changed."""
+        return [(owner, name) for _, owner, name, _ in self._undo]
+
+    def restore(self) -> None:
+        """Undo every change, newest first. Safe to call twice."""
+        while self._undo:
+            kind, owner, name, original = self._undo.pop()
+            if kind == "attr":
+                if original is _MISSING:
+                    if name in vars(owner):
+                        delattr(owner, name)
+                else:
+                    setattr(owner, name, original)
+            elif original is _MISSING:
+                owner.pop(name, None)
+            else:
+                owner[name] = original
+
+
+class Patch(abc.ABC):
+    """One fix for one defect of some Unsloth versions.
+
+    Subclasses set ``name`` and ``summary``, decide with :meth:`probe` from what the
+    installed code does (the version number is at most a hint, so a backport is never
+    patched twice) and make their changes in :meth:`install` through ``swaps`` only.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: False for a slot whose probe is real but whose patch body is not written yet.
+    implemented: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def probe(self, env: Environment) -> ProbeResult: ...
+
+    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
+        raise NotImplementedError(f"{self.name}: no patch body in this release")
+
+
+@dataclass
+class LedgerEntry:
+    name: str
+    summary: str
+    verdict: Verdict
+    reason: str
+    action: Action = Action.PENDING
+    detail: str = ""
+    fixable: bool = True
+
+    def as_dict(self) -> dict[str, str]:
+        out = asdict(self)
+        out["verdict"] = self.verdict.value
+        out["action"] = self.action.value
+        return out
+
+
+class Shim:
+    """Runs the patches: probe each once, apply the needed ones, revert on request."""
+
+    def __init__(self, patches: Iterable[Patch]) -> None:
+        self.patches: dict[str, Patch] = {}
+        for patch in patches:
+            if patch.name in self.patches:
+                raise ValueError(f"two patches are named {patch.name!r}")
+            self.patches[patch.name] = patch
+        self.ledger: dict[str, LedgerEntry] = {}
+        self._swaps: dict[str, AttributeSwaps] = {}
+
+    # -- probing -------------------------------------------------------------------
+    def probe_all(self, env: Environment) -> dict[str, LedgerEntry]:
+        for patch in self.patches.values():
+            try:
+                result = patch.probe(env)
+            except Exception as exc:  # a probe bug must not break `import`
+                result = unsupported(f"probe raised {type(exc).__name__}: {exc}")
+            self.ledger[patch.name] = LedgerEntry(
+                patch.name, patch.summary, result.verdict, result.reason, fixable=result.fixable
+            )
+        return self.ledger
+
+    def disable_all(self, reason: str) -> dict[str, LedgerEntry]:
+        for patch in self.patches.values():
+            self.ledger[patch.name] = LedgerEntry(
+                patch.name, patch.summary, Verdict.DISABLED, reason, Action.SKIPPED
+            )
+        return self.ledger
+
+    # -- applying ------------------------------------------------------------------
+    def apply(self, env: Environment, names: Iterable[str] | None = None) -> dict[str, LedgerEntry]:
+        """Apply every patch whose verdict is ``needed`` (or only ``names``). Idempotent."""
+        selected = list(self.patches) if names is None else list(names)
+        for name in selected:
+            if name not in self.patches:
+                raise KeyError(f"unknown patch {name!r}; known: {', '.join(self.patches)}")
+            entry = self.ledger.get(name)
+            if entry is None:
+                raise RuntimeError("probe_all() must run before apply()")
+            if name in self._swaps:  # already applied: nothing to do
+                continue
+            if entry.verdict is not Verdict.NEEDED:
+                entry.action = Action.SKIPPED
+                continue
+            patch = self.patches[name]
+            if not (patch.implemented and entry.fixable):
+                entry.action = Action.NOT_IMPLEMENTED
+                entry.detail = "needed, not implemented yet"
+                continue
+            swaps = AttributeSwaps()
+            try:
+                patch.install(swaps, env)
+            except Exception as exc:
+                swaps.restore()
+                entry.action = Action.FAILED
+                entry.detail = f"{type(exc).__name__}: {exc} (all changes restored)"
+                logger.warning("unsloth_qwen_compat: patch %s failed and was rolled back: %s", name, exc)
+                continue
+            self._swaps[name] = swaps
+            entry.action = Action.APPLIED
+            entry.detail = f"{len(swaps)} attribute(s) replaced"
+        return self.ledger
+
+    def revert(self, names: Iterable[str] | None = None) -> None:
+        """Put back exactly what the named (default: all) applied patches replaced."""
+        selected = list(self._swaps) if names is None else [n for n in names if n in self._swaps]
+        for name in reversed(selected):
+            self._swaps.pop(name).restore()
+            self.ledger[name].action = Action.REVERTED
+            self.ledger[name].detail = "originals restored"
+
+    def applied(self) -> list[str]:
+        return list(self._swaps)
+
+    def changed_targets(self, name: str) -> list[tuple[Any, Any]]:
+        """What an applied patch replaced, for checks that revert restores it."""
+        swaps = self._swaps.get(name)
+        return [] if swaps is None else swaps.targets()

@@ -1,0 +1,185 @@
+"""``python -m unsloth_qwen_compat status | doctor`` (also the ``unsloth-qwen-compat`` script)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from ._env import MODE_CPU_FALLBACK, TRACKED_DISTRIBUTIONS
+from ._matrix import LEGS
+
+
+def _inspect_gpu_code_in_child() -> dict[str, Any] | None:
+    """Status from a child with UNSLOTH_ALLOW_CPU=1, where Unsloth's GPU code is imported.
+
+    Without a GPU, Unsloth falls back to stock transformers code and there is nothing to
+    patch; the child shows what the same install would need on a GPU.
+    """
+    child_env = dict(os.environ, UNSLOTH_ALLOW_CPU="1")
+    code = "import json, unsloth_qwen_compat as m; print(json.dumps(m.status()))"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except json.JSONDecodeError:
+        return None
+
+
+def collect_status(inspect: bool) -> dict[str, Any]:
+    import unsloth_qwen_compat
+
+    report = unsloth_qwen_compat.status()
+    if inspect and report["environment"]["unsloth_mode"] == MODE_CPU_FALLBACK:
+        child = _inspect_gpu_code_in_child()
+        if child is not None:
+            child["notes"].insert(
+                0,
+                "no GPU: this process runs Unsloth's CPU fallback (stock transformers code) and "
+                "patches nothing; the verdicts below come from a child process with "
+                "UNSLOTH_ALLOW_CPU=1 that inspected Unsloth's GPU code, i.e. what a GPU run "
+                "of this install would patch",
+            )
+            child["inspected_in_child"] = True
+            return child
+    report["inspected_in_child"] = False
+    return report
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def render_status(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    gpu = env["gpu"]
+    gpu_text = (
+        "none"
+        if gpu is None
+        else f"{gpu['count']} x {gpu['name']} (sm_{gpu['capability']}, CUDA {gpu['cuda']})"
+    )
+    versions = [[name, env["versions"].get(name) or "not installed"] for name in TRACKED_DISTRIBUTIONS]
+    out = [
+        f"unsloth-qwen-compat {report['unsloth_qwen_compat']}",
+        f"python   {env['python']}",
+        f"gpu      {gpu_text}",
+        "unsloth  mode: "
+        + (
+            "cpu-fallback here; verdicts from its GPU code, inspected with UNSLOTH_ALLOW_CPU=1"
+            if report.get("inspected_in_child")
+            else env["unsloth_mode"] + (f" ({env['unsloth_error']})" if env["unsloth_error"] else "")
+        ),
+        f"leg      {report['tested_leg'] or 'outside the tested matrix'}",
+        "",
+        _table(versions, ["package", "version"]),
+        "",
+        _table(
+            [[p["name"], p["verdict"], p["action"], p["reason"]] for p in report["patches"]],
+            ["patch", "verdict", "action", "reason"],
+        ),
+        "",
+    ]
+    out += [f"note: {note}" for note in report["notes"]]
+    out.append(f"verdict: {report['verdict']}")
+    return "\n".join(out)
+
+
+def render_doctor(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [render_status(report), "", "Tested matrix (tox -e gpu-<leg>):"]
+    rows = [
+        [
+            leg.name,
+            leg.unsloth,
+            leg.unsloth_zoo,
+            leg.transformers,
+            leg.trl,
+            leg.peft,
+            "recorded" if leg.conformance_recorded else "not yet run",
+        ]
+        for leg in LEGS
+    ]
+    lines.append(
+        _table(rows, ["leg", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "conformance"])
+    )
+    lines.append("")
+    advice = []
+    installed = env["versions"]
+    if installed.get("unsloth") is None:
+        advice.append("Unsloth is not installed: the HF path works; for Unsloth, pin one leg above.")
+    elif report["tested_leg"] is None:
+        closest = next((leg for leg in LEGS if leg.unsloth == installed.get("unsloth")), None)
+        if closest is not None:
+            advice.append(
+                f"unsloth {closest.unsloth} was tested with transformers {closest.transformers}, "
+                f"trl {closest.trl}, peft {closest.peft}: pin those "
+                f"(pip install {' '.join(closest.pins())})."
+            )
+        else:
+            advice.append(
+                f"unsloth {installed.get('unsloth')} is not in the tested matrix: pin one leg above "
+                f"(e.g. pip install {' '.join(LEGS[0].pins())}), or run the conformance suite on "
+                "this pair before training."
+            )
+    else:
+        leg = next(leg for leg in LEGS if leg.name == report["tested_leg"])
+        for name, pin in (("trl", leg.trl), ("peft", leg.peft), ("unsloth_zoo", leg.unsloth_zoo)):
+            if installed.get(name) != pin:
+                advice.append(
+                    f"{name} {installed.get(name)} differs from the tested {pin}: pip install {name}=={pin}"
+                )
+        if not leg.conformance_recorded:
+            advice.append(f"leg {leg.name} has no recorded conformance run yet: run tox -e gpu-{leg.name}.")
+    if env["unsloth_mode"] in ("cpu-fallback", "cpu-allowed"):
+        advice.append("No CUDA GPU: Unsloth cannot train here; use the HF path (model.use_unsloth: false).")
+    if env["transformers_imported_first"]:
+        advice.append("Import unsloth_qwen_compat before transformers, trl and peft.")
+    lines += ["advice:"] + [f"  - {a}" for a in advice or ["nothing to change."]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m unsloth_qwen_compat",
+        description="What the installed Unsloth needs for Qwen, and what the shim did about it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("status", "versions, GPU, every patch with its verdict, and the one-line verdict"),
+        ("doctor", "status plus the tested pins and what to change"),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--json", action="store_true", help="machine-readable output only on stdout")
+        command.add_argument(
+            "--no-inspect",
+            action="store_true",
+            help="without a GPU, do not inspect Unsloth's GPU code in a child process",
+        )
+    args = parser.parse_args(argv)
+    report = collect_status(inspect=not args.no_inspect)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.command == "status":
+        print(render_status(report))
+    else:
+        print(render_doctor(report))
+    return 0
