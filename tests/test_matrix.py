@@ -30,7 +30,9 @@ def test_every_leg_has_a_tox_env_with_its_pins() -> None:
 def test_readme_table_is_generated_from_the_matrix() -> None:
     readme = (REPO / "README.md").read_text()
     table = re.search(r"<!-- legs:.*?-->\n(.*?)\n<!-- /legs -->", readme, re.S).group(1)
-    assert table == markdown_table(), "regenerate: python -c 'from unsloth_qwen_compat._matrix import markdown_table; print(markdown_table())'"
+    assert table == markdown_table(), (
+        "regenerate: python -c 'from unsloth_qwen_compat._matrix import markdown_table; print(markdown_table())'"
+    )
 
 
 def test_cpu_env_pins_the_cpu_torch_and_drops_torchvision() -> None:

@@ -1,0 +1,208 @@
+"""The candidate: Unsloth's FastLanguageModel path, with the shim applied first.
+
+``import unsloth_qwen_compat`` must happen before Unsloth builds any model, and Unsloth
+itself wants to be imported before transformers, so conftest.py imports this module
+first. With ``UNSLOTH_QWEN_COMPAT_DISABLE=1`` the shim is imported but does nothing, and
+the suite measures stock Unsloth. Without the shim package installed, the suite still
+runs (stock Unsloth) and says so in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SHIM_DISABLED = os.environ.get("UNSLOTH_QWEN_COMPAT_DISABLE", "") == "1"
+
+try:
+    import unsloth_qwen_compat as shim
+except ModuleNotFoundError as error:
+    if error.name != "unsloth_qwen_compat":
+        raise  # the shim is installed but broken: that must fail loudly, not test stock Unsloth
+    shim = None
+
+import torch  # noqa: E402
+import unsloth  # noqa: E402,F401  (after the shim, before transformers)
+from unsloth import FastLanguageModel  # noqa: E402
+
+from conformance import zoo  # noqa: E402
+from conformance.zoo import ModelSpec  # noqa: E402
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def mode() -> str:
+    """'gpu' for Unsloth's real code path, 'cpu-fallback' where it runs stock HF code."""
+    return "cpu-fallback" if getattr(unsloth, "DEVICE_TYPE", None) == "cpu" else "gpu"
+
+
+def _jsonable(value):
+    for attribute in ("to_dict", "as_dict"):
+        if callable(getattr(value, attribute, None)):
+            value = getattr(value, attribute)()
+            break
+    return json.loads(json.dumps(value, default=str))
+
+
+def shim_state() -> dict:
+    """What the report says about the shim: installed, enabled, and its own verdicts."""
+    state = {"installed": shim is not None, "enabled": shim is not None and not SHIM_DISABLED}
+    if shim is None:
+        state["note"] = "unsloth_qwen_compat is not installed: candidate is stock Unsloth"
+        return state
+    for name in ("status", "environment"):
+        function = getattr(shim, name, None)
+        if not callable(function):
+            state[name] = f"unsloth_qwen_compat.{name}() not available"
+            continue
+        try:
+            state[name] = _jsonable(function())
+        except Exception as error:  # the report must still be written
+            state[name] = f"{name}() raised {type(error).__name__}: {error}"
+    return state
+
+
+def nf4_skip_modules() -> list[str] | None:
+    """Modules Unsloth keeps out of 4-bit quantization (the oracle must skip the same)."""
+    try:
+        from unsloth_zoo.peft_utils import SKIP_QUANTIZATION_MODULES
+    except ImportError:
+        return None
+    return list(SKIP_QUANTIZATION_MODULES)
+
+
+def load(
+    spec: ModelSpec, max_seq_length: int, dtype: str, load_in_4bit: bool = False, path: Path | None = None
+):
+    """FastLanguageModel.from_pretrained on a zoo model (or an adapter directory)."""
+    return FastLanguageModel.from_pretrained(
+        model_name=str(path or zoo.model_dir(spec)),
+        max_seq_length=max_seq_length,
+        dtype=TORCH_DTYPES["bf16" if load_in_4bit else dtype],
+        load_in_4bit=load_in_4bit,
+    )
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one sequence (positions x vocab), with no KV cache involved."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids.to(device_of(model)), use_cache=False)
+    return out.logits[0]
+
+
+def layer_key(parameter_name: str) -> str:
+    """A LoRA parameter name reduced to ``layers.N.<path>.lora_X.weight``.
+
+    Wrappers differ in prefix (PeftModel / base_model / model) and the live name carries the
+    adapter name (``.default``) that a saved adapter drops; the layer path is what must match.
+    """
+    name = parameter_name.replace(".default", "")
+    return name[name.index("layers.") :] if "layers." in name else name
+
+
+def load_adapter_tensors(model, adapter_dir: str) -> int:
+    """Copy a saved PEFT adapter into ``model``'s LoRA parameters, by layer path.
+
+    Every LoRA parameter of the candidate must be found in the file and every tensor of the
+    file must be used: a mismatch means the candidate put adapters on other modules than
+    PEFT did, which the gradient comparison could otherwise only half see.
+    """
+    from safetensors.torch import load_file
+
+    saved = {
+        layer_key(k): v for k, v in load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items()
+    }
+    used, missing = set(), []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = layer_key(name)
+            if key not in saved:
+                missing.append(key)
+                continue
+            param.copy_(saved[key].to(device=param.device, dtype=param.dtype))
+            used.add(key)
+    unused = sorted(set(saved) - used)
+    if missing or unused:
+        raise AssertionError(
+            f"LoRA placement differs from PEFT's: candidate-only {sorted(missing)[:8]}, reference-only {unused[:8]}"
+        )
+    return len(used)
+
+
+def attach_lora(model, r: int, alpha: int, targets: list[str]):
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(targets),
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+    )
+
+
+class ModelCache:
+    """Candidate models loaded once per (model, max_seq_length, dtype, 4-bit) for read-only cases.
+
+    Cases that mutate a model (LoRA, adapters) load their own.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, tuple] = {}
+
+    def get(self, spec: ModelSpec, max_seq_length: int, dtype: str, load_in_4bit: bool = False):
+        key = (spec.name, max_seq_length, dtype, load_in_4bit)
+        if key not in self._models:
+            model, tokenizer = load(spec, max_seq_length, dtype, load_in_4bit)
+            FastLanguageModel.for_inference(model)
+            self._models[key] = (model, tokenizer)
+        return self._models[key]
+
+
+def inference_mode(model):
+    FastLanguageModel.for_inference(model)
+    return model
+
+
+def training_mode(model):
+    FastLanguageModel.for_training(model)
+    return model
+
+
+def greedy(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    new_tokens: int,
+    pad_id: int,
+    use_cache: bool,
+) -> torch.Tensor:
+    """Greedy continuation (new tokens only), exactly ``new_tokens`` long (no early EOS)."""
+    device = device_of(model)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            use_cache=use_cache,
+            pad_token_id=pad_id,
+        )
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    return sequences[:, input_ids.shape[1] :].cpu()
+
+
+def quantized_module_names(model) -> list[str]:
+    """Layer paths of the bitsandbytes 4-bit Linear modules (prefix-free, see layer_key)."""
+    return sorted(
+        layer_key(name) for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"
+    )

@@ -1,0 +1,170 @@
+"""Device and dtype selection, the shared fixtures, markers and the report plugin.
+
+Environment:
+- ``CONFORMANCE_DTYPE``: fp32 (default) | bf16 | fp16. Unsloth 2025.3.x rejects fp32, so its
+  leg runs with bf16; the tolerance table has a row per dtype.
+- ``CONFORMANCE_CACHE``: where the zoo and oracle results live (default .conformance_cache/).
+- ``UNSLOTH_QWEN_COMPAT_DISABLE=1``: measure stock Unsloth (the shim does nothing).
+
+The device is the GPU when there is one. Without one, Unsloth falls back to running stock
+transformers on the CPU: the cases then exercise the suite's own mechanics, not Unsloth's
+kernels, and the report says ``candidate cpu-fallback``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never needs the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conformance import (  # noqa: E402
+    candidate,  # noqa: E402  (shim, then Unsloth, before transformers)
+    oracle_client,
+    plan,
+    report,
+    versions,
+    zoo,
+)
+
+#: Case families: each is a pytest marker (``-m rope``) and a test module.
+FAMILIES = {
+    "forward": "logits of 900 tokens vs HF",
+    "lora": "LoRA loss and gradients vs HF + PEFT at the same init",
+    "generate": "greedy generation: KV cache == no cache == HF, single and left-padded batch",
+    "quant4": "Unsloth 4-bit vs HF bitsandbytes NF4, and 4-bit vs bf16 (GPU only)",
+    "rope": "YaRN logits past original_max_position_embeddings, max_seq_length within and beyond",
+    "chat_template": "Qwen chat template rendering and token ids",
+    "adapter": "LoRA adapter save and reload (candidate and HF PeftModel)",
+}
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: str  # "cuda" | "cpu"
+    dtype: str  # "fp32" | "bf16" | "fp16"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+
+def _settings() -> Settings:
+    dtype = os.environ.get("CONFORMANCE_DTYPE", "fp32").lower()
+    if dtype not in DTYPES:
+        raise pytest.UsageError(f"CONFORMANCE_DTYPE={dtype!r}: expected one of {DTYPES}")
+    return Settings(device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--conformance-report",
+        metavar="DIR",
+        default=None,
+        help="write DIR/conformance.json and DIR/conformance.md",
+    )
+
+
+def pytest_configure(config) -> None:
+    for name, description in FAMILIES.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+    # The fp32 bounds assume true fp32 matmuls (see tolerances.py); the oracle does the same.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    settings = _settings()
+    config._conformance_settings = settings
+    header = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "candidate_mode": candidate.mode(),
+        "versions": versions.collect(),
+        "shim": candidate.shim_state(),
+    }
+    config._conformance_report = report.ConformanceReport(config, header)
+    config.pluginmanager.register(config._conformance_report, "conformance-report")
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config, items) -> None:
+    """Remember which (family, model) pairs will run, so their references are batched."""
+    needed = set()
+    for item in items:
+        spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
+        for marker in item.iter_markers():
+            if marker.name in FAMILIES and spec is not None:
+                needed.add((marker.name, spec.name))
+    config._conformance_needed = needed
+
+
+@pytest.fixture(scope="session")
+def settings(pytestconfig) -> Settings:
+    return pytestconfig._conformance_settings
+
+
+@pytest.fixture(scope="session")
+def oracle(pytestconfig, settings) -> oracle_client.Oracle:
+    """The HF reference; every reference the session's cases can name up front comes from
+    one oracle process, started here."""
+    client = oracle_client.Oracle()
+    skip = candidate.nf4_skip_modules()
+    batch = []
+    for family, name in sorted(getattr(pytestconfig, "_conformance_needed", ())):
+        batch += plan.for_family(family, zoo.BY_NAME[name], settings.dtype, settings.device, skip)
+    if batch:
+        client.fetch(batch)
+    yield client
+    pytestconfig._conformance_report.header["oracle_seconds"] = client.seconds
+
+
+@pytest.fixture(scope="session")
+def candidates() -> candidate.ModelCache:
+    return candidate.ModelCache()
+
+
+@pytest.fixture(scope="session")
+def needed_models(pytestconfig):
+    """Zoo specs per family among the collected cases (for module-level batching)."""
+
+    def for_family(family: str) -> list[zoo.ModelSpec]:
+        names = {n for f, n in getattr(pytestconfig, "_conformance_needed", ()) if f == family}
+        return [spec for spec in zoo.ZOO if spec.name in names]
+
+    return for_family
+
+
+class Recorder:
+    """Stores measured numbers on the test item; report.py turns them into the table."""
+
+    def __init__(self, node) -> None:
+        self._node = node
+
+    def __call__(self, metric: str, value: float, bound: float, dtype: str, ok: bool) -> None:
+        self._node.user_properties.append(
+            (
+                report.PROPERTY,
+                {
+                    "metric": metric,
+                    "value": float(value),
+                    "bound": bound,
+                    "dtype": dtype,
+                    "ok": bool(ok),
+                },
+            )
+        )
+
+    def note(self, label: str, value: float) -> None:
+        """A number worth reporting that has no bound (e.g. how many tokens were compared)."""
+        self(label, value, None, "", True)
+
+
+@pytest.fixture
+def record(request) -> Recorder:
+    return Recorder(request.node)

@@ -1,0 +1,294 @@
+"""The Hugging Face reference, run as its own process: ``python -m conformance.oracle JOBS.json``.
+
+Unsloth patches transformers classes globally when imported, and rewrites some installed
+files, so a reference computed in a process that imported it is not a reference. This
+process never imports ``unsloth``, ``unsloth_zoo`` or ``unsloth_qwen_compat``: it checks
+that at start and again at the end, and the client (oracle_client.py) also sets
+``UNSLOTH_QWEN_COMPAT_DISABLE=1`` in its environment.
+
+JOBS.json is a list of ``{"request": {...}, "out": "RESULT.pt", "adapter_out": "DIR"}``
+(requests come from plan.py). Each result is a dict of tensors / numbers / strings saved
+with ``torch.save``. Models use eager attention; TF32 is off, so fp32 means fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+FORBIDDEN_MODULES = ("unsloth", "unsloth_zoo", "unsloth_qwen_compat")
+
+
+def _assert_clean(when: str) -> None:
+    loaded = [name for name in FORBIDDEN_MODULES if name in sys.modules]
+    if loaded:
+        raise RuntimeError(f"oracle process {when}: {loaded} imported; the HF reference would be patched")
+
+
+_assert_clean("at start")
+os.environ["CONFORMANCE_ORACLE"] = "1"
+
+import torch  # noqa: E402
+
+from conformance import inputs, zoo, zoo_tokenizer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    return {"dtype": dtype} if zoo.transformers_major() >= 5 else {"torch_dtype": dtype}
+
+
+def _load_model(request: dict):
+    from transformers import AutoModelForCausalLM
+
+    path = zoo.model_dir(zoo.BY_NAME[request["model"]])
+    dtype = DTYPES[request["dtype"]]
+    kwargs = dict(_dtype_kwarg(dtype), attn_implementation="eager")
+    quant = request.get("quantization")
+    if quant:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant["quant_type"],
+            bnb_4bit_use_double_quant=quant["double_quant"],
+            bnb_4bit_compute_dtype=DTYPES[quant["compute_dtype"]],
+            llm_int8_skip_modules=quant["skip_modules"],
+        )
+        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0}, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(request["device"])
+    if request.get("adapter_dir"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, request["adapter_dir"])
+    model.eval()
+    return model
+
+
+def _tokenizer(request: dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(zoo.model_dir(zoo.BY_NAME[request["model"]]))
+
+
+def quantized_module_names(model) -> list[str]:
+    return sorted(name for name, module in model.named_modules() if type(module).__name__ == "Linear4bit")
+
+
+def run_forward(request: dict, job: dict) -> dict:
+    model = _load_model(request)
+    high = zoo_tokenizer.regular_token_count(_tokenizer(request))
+    ids = inputs.random_ids(request["seed"], 1, request["seq_len"], high)
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(request["device"]), use_cache=False).logits
+    result = {"input_ids": ids, "logits": logits[0].float().cpu()}
+    if request.get("quantization"):
+        result["quantized_modules"] = quantized_module_names(model)
+    return result
+
+
+def lora_name(parameter_name: str) -> str:
+    """PEFT parameter name -> the key it has in a saved adapter (adapter name dropped)."""
+    return parameter_name.replace(".default", "")
+
+
+def run_lora(request: dict, job: dict) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_model(request)
+    high = zoo_tokenizer.regular_token_count(_tokenizer(request))
+    torch.manual_seed(request["init_seed"])
+    config = LoraConfig(
+        r=request["r"],
+        lora_alpha=request["alpha"],
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=request["targets"],
+        init_lora_weights=False,  # random A and B: both get non-zero gradients
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(request["b_scale"])
+    model.save_pretrained(job["adapter_out"])
+
+    model.train()  # lora_dropout is 0, so train mode changes nothing numerically
+    ids = inputs.random_ids(request["seed"], request["batch"], request["seq_len"], high).to(request["device"])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {lora_name(n): p.grad.float().cpu() for n, p in model.named_parameters() if "lora_" in n}
+    return {
+        "input_ids": ids.cpu(),
+        "loss": loss.item(),
+        "grads": grads,
+        "adapter_dir": job["adapter_out"],
+    }
+
+
+class RouterGaps:
+    """Records each token's gap between the k-th and (k+1)-th router logit, per forward call.
+
+    A Qwen3-MoE token whose gap is tiny can be routed to other experts by rounding alone,
+    which changes that token's output by O(1): steps that depend on such a token are not
+    decidable, however large the final logit margin.
+    """
+
+    def __init__(self, model) -> None:
+        self.top_k = model.config.num_experts_per_tok
+        self.routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+        self.gaps: list[torch.Tensor] = []  # one per router call, in call order
+        self._handles = [m.register_forward_hook(self._hook) for m in self.routers]
+
+    def _hook(self, module, args, output) -> None:
+        logits = output[0] if isinstance(output, tuple) else output  # v5 router tuple, v4 Linear
+        top = logits.float().topk(self.top_k + 1, dim=-1).values
+        self.gaps.append((top[:, self.top_k - 1] - top[:, self.top_k]).detach().cpu())
+
+    def per_step_min(self, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        """batch x steps: the smallest router gap among the tokens step s depends on
+        (the real prompt tokens, then every token generated before it)."""
+        for handle in self._handles:
+            handle.remove()
+        layers, batch = len(self.routers), mask.shape[0]
+        out = torch.empty((batch, steps))
+        running = torch.full((batch,), float("inf"))
+        for step in range(steps):  # forward call `step` produces new token `step`
+            for gap in self.gaps[step * layers : (step + 1) * layers]:
+                gap = gap.view(batch, -1)
+                if step == 0:  # prefill: padded positions are masked out, their routing is moot
+                    gap = gap.masked_fill(mask == 0, float("inf"))
+                running = torch.minimum(running, gap.min(dim=1).values)
+            out[:, step] = running
+        return out
+
+
+def _greedy(model, ids, mask, request, pad_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """New tokens and, per step, the decision margin: the gap between the top two
+    (processed) scores, or a smaller MoE router gap the step depends on."""
+    device = request["device"]
+    n = request["max_new_tokens"]
+    routers = RouterGaps(model) if getattr(model.config, "num_experts_per_tok", None) else None
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,  # no early EOS: every row yields exactly n tokens
+            use_cache=True,
+            pad_token_id=pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    scores = torch.stack(out.scores, dim=1).float()  # batch x steps x vocab
+    top2 = scores.topk(2, dim=-1).values
+    margins = (top2[..., 0] - top2[..., 1]).cpu()
+    if routers:
+        margins = torch.minimum(margins, routers.per_step_min(mask, n))
+    return out.sequences[:, ids.shape[1] :].cpu(), margins
+
+
+def decidable_steps(margins: torch.Tensor, threshold: float) -> list[int]:
+    """Per row, how many leading steps have a decision margin of at least ``threshold``."""
+    out = []
+    for row in margins:
+        below = (row < threshold).nonzero()
+        out.append(int(below[0, 0]) if len(below) else int(row.numel()))
+    return out
+
+
+def run_generate(request: dict, job: dict) -> dict:
+    model = _load_model(request)
+    tokenizer = _tokenizer(request)
+    high = zoo_tokenizer.regular_token_count(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    best = None
+    # Random weights make near-ties likely somewhere; try prompt seeds until every greedy
+    # step of every row clears the dtype's margin, else keep the most decidable attempt.
+    for attempt in range(request["attempts"]):
+        seed = request["seed"] * 100 + attempt
+        single = inputs.random_ids(seed, 1, request["single_len"], high)
+        batch, batch_mask = inputs.left_padded(seed, request["batch_lens"], high, pad_id)
+        parts = {}
+        for label, ids, mask in (("single", single, torch.ones_like(single)), ("batch", batch, batch_mask)):
+            tokens, margins = _greedy(model, ids, mask, request, pad_id)
+            steps = decidable_steps(margins, request["min_margin"])
+            parts[label] = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "new_tokens": tokens,
+                "margins": margins,
+                "decidable": steps,
+            }
+        score = sum(sum(p["decidable"]) for p in parts.values())
+        if best is None or score > best[0]:
+            best = (
+                score,
+                {**parts, "attempt": attempt, "min_margin": request["min_margin"], "pad_id": pad_id},
+            )
+        if score == request["max_new_tokens"] * (1 + len(request["batch_lens"])):
+            break
+    return best[1]
+
+
+def _ids(encoded) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True), 4 a list.
+    if hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def run_chat(request: dict, job: dict) -> dict:
+    tokenizer = _tokenizer(request)
+    published = zoo_tokenizer.published_template(zoo.BY_NAME[request["model"]].family)
+    variants = (
+        [{"enable_thinking": True}, {"enable_thinking": False}] if request["thinking_variants"] else [{}]
+    )
+    rendered = []
+    for kwargs in variants:
+        common = dict(add_generation_prompt=True, **kwargs)
+        rendered.append(
+            {
+                "kwargs": kwargs,
+                "text": tokenizer.apply_chat_template(inputs.CONVERSATION, tokenize=False, **common),
+                "text_published": tokenizer.apply_chat_template(
+                    inputs.CONVERSATION, tokenize=False, chat_template=published, **common
+                ),
+                "ids": _ids(tokenizer.apply_chat_template(inputs.CONVERSATION, tokenize=True, **common)),
+            }
+        )
+    return {"template": tokenizer.chat_template, "published": published, "variants": rendered}
+
+
+HANDLERS = {"forward": run_forward, "lora": run_lora, "generate": run_generate, "chat": run_chat}
+
+
+def main(jobs_path: str) -> int:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    jobs = json.loads(open(jobs_path, encoding="utf-8").read())
+    for job in jobs:
+        request = job["request"]
+        zoo.build(zoo.BY_NAME[request["model"]])  # normally already built by the client
+        start = time.perf_counter()
+        result = HANDLERS[request["kind"]](request, job)
+        tmp = job["out"] + ".tmp"
+        torch.save(result, tmp)
+        os.replace(tmp, job["out"])
+        print(
+            f"oracle: {request['kind']:<8} {request['model']:<16} {request['dtype']:<4} "
+            f"{time.perf_counter() - start:6.2f}s",
+            flush=True,
+        )
+    _assert_clean("at end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

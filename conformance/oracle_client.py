@@ -1,0 +1,113 @@
+"""Runs the oracle process and caches its results on disk.
+
+A result is stored under ``$CONFORMANCE_CACHE/oracle/<key>.pt`` where the key hashes the
+request, the model's files and the versions of everything that computes the reference
+(torch, transformers, peft, bitsandbytes, tokenizers, and the GPU model for GPU requests).
+``fetch`` runs every missing request of a batch in ONE oracle process, so a session pays
+the interpreter + transformers import a couple of times, not once per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conformance import versions, zoo
+
+# Bump when oracle.py changes what it computes, so old results are not reused.
+ORACLE_FORMAT = 2
+REFERENCE_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "tokenizers")
+
+
+class OracleError(RuntimeError):
+    pass
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["CONFORMANCE_ORACLE"] = "1"
+    env["UNSLOTH_QWEN_COMPAT_DISABLE"] = "1"  # in case anything imports the shim anyway
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(zoo.REPO_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run(args: list[str], log_name: str) -> float:
+    logs = zoo.cache_root() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{log_name}.log"
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as handle:
+        code = subprocess.call(
+            [sys.executable, *args],
+            cwd=zoo.REPO_ROOT,
+            env=_subprocess_env(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        raise OracleError(f"oracle process failed: {last} (exit {code}, full log {log})\n{tail}")
+    return elapsed
+
+
+def ensure_zoo(names: set[str]) -> None:
+    """Build missing zoo models in a process that never imports Unsloth."""
+    missing = sorted(n for n in names if not zoo.is_built(zoo.BY_NAME[n]))
+    if missing:
+        elapsed = _run(["-m", "conformance.zoo", *missing], "zoo")
+        print(f"[conformance] built zoo models {missing} in {elapsed:.1f}s", file=sys.stderr)
+
+
+class Oracle:
+    def __init__(self) -> None:
+        self.root = zoo.cache_root() / "oracle"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.seconds = 0.0  # time spent in oracle processes this session
+        self._env = versions.collect()
+
+    def key(self, request: dict) -> str:
+        spec = zoo.BY_NAME[request["model"]]
+        material = {
+            "format": ORACLE_FORMAT,
+            "request": request,
+            "model_files": zoo.files_hash(spec),
+            "versions": {p: self._env.get(p) for p in REFERENCE_PACKAGES},
+            "gpu": self._env["gpu"] if request["device"] == "cuda" else "cpu",
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _path(self, request: dict) -> Path:
+        return self.root / f"{request['kind']}-{request['model']}-{self.key(request)}.pt"
+
+    def fetch(self, requests: list[dict]) -> list[dict]:
+        """Results for ``requests`` (same order), computing the missing ones in one process."""
+        ensure_zoo({r["model"] for r in requests})
+        jobs, seen = [], set()
+        for request in requests:
+            path = self._path(request)
+            if not path.is_file() and str(path) not in seen:
+                seen.add(str(path))
+                jobs.append(
+                    {"request": request, "out": str(path), "adapter_out": str(path.with_suffix(".adapter"))}
+                )
+        if jobs:
+            jobs_file = self.root / f"jobs-{os.getpid()}-{time.time_ns()}.json"
+            jobs_file.write_text(json.dumps(jobs, indent=1), encoding="utf-8")
+            elapsed = _run(["-m", "conformance.oracle", str(jobs_file)], "oracle")
+            jobs_file.unlink(missing_ok=True)
+            self.seconds += elapsed
+            print(f"[conformance] oracle computed {len(jobs)} references in {elapsed:.1f}s", file=sys.stderr)
+        return [torch.load(self._path(r), weights_only=True) for r in requests]
+
+    def get(self, request: dict) -> dict:
+        return self.fetch([request])[0]

@@ -1,0 +1,129 @@
+"""The oracle requests each case family needs, as plain JSON-able dicts.
+
+A request names the zoo model, dtype and device, and the inputs by seed and shape. Tests
+and the session-wide batch (conftest.py) build requests with the same functions, so a
+test's request is found in the cache the batch filled. The oracle (oracle.py) executes
+them; this module imports neither Unsloth nor transformers.
+"""
+
+from __future__ import annotations
+
+from conformance import tolerances, zoo
+from conformance.zoo import ModelSpec
+
+#: Long enough to reach past both original_max_position_embeddings (256) and
+#: max_position_embeddings (320) of the YaRN models.
+FORWARD_LEN = 900
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_BATCH, LORA_LEN = 2, 300
+# PEFT's init_lora_weights=False leaves B random (kaiming, |B| up to 0.35): scaled down so
+# the adapter perturbs the base model instead of drowning it, while staying non-zero
+# (with B = 0 the lora_A gradients would be identically zero and prove nothing).
+LORA_B_SCALE = 0.1
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+
+GENERATE_NEW_TOKENS = 16
+GENERATE_SINGLE_LEN = 37
+GENERATE_BATCH_LENS = [23, 41, 12]  # different lengths, so left padding is exercised
+GENERATE_ATTEMPTS = 40
+
+NF4_LEN = 256
+
+ADAPTER_LEN = 128
+
+
+def lora_targets(family: str) -> list[str]:
+    """LoRA target modules: all 7 projections, except Qwen3-MoE on transformers 5.
+
+    transformers 5 stores Qwen3-MoE experts as fused 3D parameters (experts.gate_up_proj,
+    experts.down_proj), not nn.Linear modules, so target_modules cannot reach them (PEFT
+    would need target_parameters, which Unsloth's LoRA path does not share). The router
+    (mlp.gate) is never a LoRA target. Attention is what both sides support there.
+    """
+    if family == "qwen3_moe" and zoo.transformers_major() >= 5:
+        return list(ATTENTION_PROJECTIONS)
+    return ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+def _base(kind: str, spec: ModelSpec, dtype: str, device: str) -> dict:
+    return {"kind": kind, "model": spec.name, "dtype": dtype, "device": device}
+
+
+def forward(spec: ModelSpec, dtype: str, device: str, seq_len: int = FORWARD_LEN, seed: int = 0) -> dict:
+    return {**_base("forward", spec, dtype, device), "seq_len": seq_len, "seed": seed}
+
+
+def lora(spec: ModelSpec, dtype: str, device: str) -> dict:
+    return {
+        **_base("lora", spec, dtype, device),
+        "batch": LORA_BATCH,
+        "seq_len": LORA_LEN,
+        "seed": 1,
+        "r": LORA_RANK,
+        "alpha": LORA_ALPHA,
+        "targets": lora_targets(spec.family),
+        "b_scale": LORA_B_SCALE,
+        "init_seed": 7,
+    }
+
+
+def generate(spec: ModelSpec, dtype: str, device: str) -> dict:
+    return {
+        **_base("generate", spec, dtype, device),
+        "max_new_tokens": GENERATE_NEW_TOKENS,
+        "single_len": GENERATE_SINGLE_LEN,
+        "batch_lens": GENERATE_BATCH_LENS,
+        "seed": 2,
+        "attempts": GENERATE_ATTEMPTS,
+        "min_margin": tolerances.MIN_GREEDY_MARGIN[dtype],
+    }
+
+
+def chat(spec: ModelSpec) -> dict:
+    # Tokenizer only: no device or dtype involved.
+    return {**_base("chat", spec, "na", "cpu"), "thinking_variants": spec.family != "qwen2"}
+
+
+def nf4(spec: ModelSpec, skip_modules: list[str]) -> list[dict]:
+    """Reference for the 4-bit case: HF + bitsandbytes NF4 (bf16 compute), and plain bf16."""
+    quantized = {
+        **_base("forward", spec, "bf16", "cuda"),
+        "seq_len": NF4_LEN,
+        "seed": 3,
+        "quantization": {
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bf16",
+            "skip_modules": sorted(skip_modules),
+        },
+    }
+    return [quantized, forward(spec, "bf16", "cuda", seq_len=NF4_LEN, seed=3)]
+
+
+def adapter_forward(spec: ModelSpec, dtype: str, device: str, adapter_dir: str, adapter_hash: str) -> dict:
+    """HF + PeftModel.from_pretrained(adapter_dir) logits (adapter saved by the candidate)."""
+    return {
+        **forward(spec, dtype, device, seq_len=ADAPTER_LEN, seed=4),
+        "adapter_dir": adapter_dir,
+        "adapter_hash": adapter_hash,
+    }
+
+
+def for_family(
+    family: str, spec: ModelSpec, dtype: str, device: str, nf4_skip: list[str] | None
+) -> list[dict]:
+    """The requests a case family can know before the candidate runs (batched per session)."""
+    if family in ("forward", "rope"):
+        return [forward(spec, dtype, device)]
+    if family in ("lora", "adapter"):
+        return [lora(spec, dtype, device)]
+    if family == "generate":
+        return [generate(spec, dtype, device)]
+    if family == "chat_template":
+        return [chat(spec)]
+    if family == "quant4" and device == "cuda" and nf4_skip is not None:
+        return nf4(spec, nf4_skip)
+    return []

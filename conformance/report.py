@@ -1,0 +1,209 @@
+"""Collects each case's result and measured errors; writes conformance.json / .md.
+
+Tests record numbers through the ``record`` fixture (conftest.py), which stores them in
+the test's ``user_properties``; pytest hands those to ``pytest_runtest_logreport`` here
+(also across pytest-xdist workers). At the end of the run a short table is printed (the
+tail of the output is often all one sees of a remote run) and, with
+``--conformance-report DIR``, the full report is written to DIR.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+
+from conformance import versions
+
+PROPERTY = "conformance"
+
+
+def _reason(report) -> str:
+    longrepr = report.longrepr
+    if report.skipped and isinstance(longrepr, tuple):
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None:
+        return crash.message.strip().splitlines()[0]
+    return str(longrepr).strip().splitlines()[-1] if longrepr else ""
+
+
+class ConformanceReport:
+    def __init__(self, config, header: dict) -> None:
+        self.config = config
+        self.header = header
+        self.rows: dict[str, dict] = {}
+        self.started = time.time()
+
+    def pytest_runtest_logreport(self, report) -> None:
+        row = self.rows.setdefault(
+            report.nodeid,
+            {
+                "case": report.nodeid.split("::")[-1],
+                "nodeid": report.nodeid,
+                "result": None,
+                "metrics": [],
+                "reason": "",
+                "seconds": 0.0,
+            },
+        )
+        row["seconds"] += report.duration
+        metrics = [value for key, value in report.user_properties if key == PROPERTY]
+        if metrics:
+            row["metrics"] = metrics
+        if report.when == "call" or report.outcome != "passed":
+            if report.skipped:
+                result = "xfail" if hasattr(report, "wasxfail") else "skip"
+            elif report.failed:
+                result = "fail" if report.when == "call" else "error"
+            else:
+                result = "pass"
+            # A teardown error after a pass must not be hidden by the pass.
+            if row["result"] in (None, "pass") or result in ("fail", "error"):
+                row["result"] = result
+                row["reason"] = _reason(report) if result != "pass" else ""
+
+    def summary(self) -> dict:
+        import torch
+
+        # Read again at the end: a library that turns TF32 on during the run would break the
+        # fp32 bounds, and this is where that shows.
+        self.header["versions"]["tf32_matmul_at_end"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row["result"]] = counts.get(row["result"], 0) + 1
+        return {
+            **self.header,
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - self.started, 1),
+            "counts": counts,
+            "cases": list(self.rows.values()),
+        }
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        data = self.summary()
+        write = terminalreporter.write_line
+        terminalreporter.section("conformance summary")
+        # One line per case, then the header: the end of the output is what a remote run shows.
+        for line in compact_lines(data["cases"]):
+            write(line)
+        for line in header_lines(data):
+            write(line)
+        directory = self.config.getoption("conformance_report")
+        if directory:
+            out = Path(directory)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "conformance.json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+            (out / "conformance.md").write_text(markdown(data), encoding="utf-8")
+            write(f"conformance report written to {out / 'conformance.json'} and {out / 'conformance.md'}")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def shim_patches(shim: dict) -> list[dict]:
+    """The per-patch verdicts from unsloth_qwen_compat.status(), if it has that shape."""
+    status = shim.get("status")
+    patches = status.get("patches") if isinstance(status, dict) else None
+    return [p for p in patches if isinstance(p, dict)] if isinstance(patches, list) else []
+
+
+def header_lines(data: dict) -> list[str]:
+    env = data["versions"]
+    shim = data["shim"]
+    shim_text = (
+        "not installed" if not shim.get("installed") else ("enabled" if shim.get("enabled") else "DISABLED")
+    )
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(data["counts"].items(), key=lambda kv: str(kv[0])))
+    status = shim.get("status")
+    verdict = status.get("verdict") if isinstance(status, dict) else None
+    patches = ", ".join(f"{p.get('name')}={p.get('verdict')}/{p.get('action')}" for p in shim_patches(shim))
+    return [
+        f"date {data['date']}  gpu {env['gpu']}  candidate {data['candidate_mode']}  dtype {data['dtype']}",
+        f"shim {shim_text}" + (f": {verdict}" if verdict else "") + (f"  [{patches}]" if patches else ""),
+        versions.one_line(env),
+        f"{counts}  ({data['seconds']}s, oracle {data.get('oracle_seconds', 0):.1f}s)",
+    ]
+
+
+def _metric_rows(case: dict):
+    if not case["metrics"]:
+        yield "-", "-"
+        return
+    for m in case["metrics"]:
+        yield f"{m['metric']} {_fmt(m['value'])}", _fmt(m["bound"])
+
+
+def compact_lines(cases: list[dict]) -> list[str]:
+    """``case  result  label value (bound b), ...`` and, for non-passes, the reason."""
+    width = max([len(c["case"]) for c in cases] + [4])
+    lines = []
+    for case in cases:
+        numbers = ", ".join(
+            f"{m['metric']} {_fmt(m['value'])}"
+            + (f" (<= {_fmt(m['bound'])})" if m["bound"] is not None else "")
+            for m in case["metrics"]
+        )
+        lines.append(f"{case['case']:<{width}} {case['result'] or '?':<5} {numbers}".rstrip())
+        if case["reason"] and case["result"] != "pass":
+            lines.append(f"{'':<{width}} -> {case['reason'][:200]}")
+    return lines
+
+
+def table_lines(cases: list[dict], markdown: bool = True) -> list[str]:
+    """The Markdown table: one row per measured number."""
+    lines = ["| case | result | measured error | bound |", "|---|---|---|---|"]
+    for case in cases:
+        first = True
+        for measured, bound in _metric_rows(case):
+            name, result = (case["case"], case["result"] or "?") if first else ("", "")
+            lines.append(f"| {name} | {result} | {measured} | {bound} |")
+            first = False
+        if case["reason"] and case["result"] != "pass":
+            lines.append(f"| | | {case['reason']} | |")
+    return lines
+
+
+def markdown(data: dict) -> str:
+    env = data["versions"]
+    out = [
+        "# Conformance report",
+        "",
+        f"- date: {data['date']}",
+        f"- GPU: {env['gpu']}",
+        f"- candidate: Unsloth ({data['candidate_mode']}), dtype {data['dtype']}, device {data['device']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
+        "- result: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items(), key=lambda kv: str(kv[0])))
+        + f" in {data['seconds']} s",
+        "",
+        "## Shim",
+        "",
+    ]
+    shim = data["shim"]
+    out.append(f"- installed: {shim.get('installed')}, enabled: {shim.get('enabled')}")
+    if shim.get("note"):
+        out.append(f"- {shim['note']}")
+    patches = shim_patches(shim)
+    if patches:
+        out += ["", "| patch | verdict | action | reason |", "|---|---|---|---|"]
+        out += [
+            f"| {p.get('name')} | {p.get('verdict')} | {p.get('action')} | {p.get('reason', '')} |"
+            for p in patches
+        ]
+    for name in ("status", "environment"):
+        if name in shim:
+            out += [
+                "",
+                f"`unsloth_qwen_compat.{name}()`:",
+                "",
+                "```json",
+                json.dumps(shim[name], indent=1, default=str),
+                "```",
+            ]
+    out += ["", "## Cases", ""] + table_lines(data["cases"], markdown=True) + [""]
+    return "\n".join(out)

@@ -1,0 +1,96 @@
+"""Adapter save and reload: the candidate saves a LoRA adapter; reloading it gives the same logits.
+
+Reloaded twice: by the candidate (FastLanguageModel.from_pretrained on the adapter
+directory) and by HF (PeftModel.from_pretrained in the oracle process). Both must match
+the candidate's logits before saving. The adapter carries the oracle's non-zero LoRA
+weights (see test_lora.py), so a reload that drops or mis-scales it shows.
+"""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from conformance import candidate, inputs, plan, tolerances, zoo, zoo_tokenizer
+
+pytestmark = pytest.mark.adapter
+
+
+def _adapter_hash(directory) -> str:
+    """Content hash of a saved adapter (keys the oracle cache). PEFT writes target_modules
+    from a set, in hash-seed order, so lists are sorted; README.md is not content."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config = {
+        k: sorted(v) if isinstance(v, list) and all(isinstance(i, str) for i in v) else v
+        for k, v in config.items()
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update((directory / "adapter_model.safetensors").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_and_reload(spec, settings, oracle) -> dict:
+    lora_reference = oracle.get(plan.lora(spec, settings.dtype, settings.device))
+    model, tokenizer = candidate.load(spec, spec.max_position_embeddings, settings.dtype)
+    model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
+    candidate.load_adapter_tensors(model, lora_reference["adapter_dir"])
+    candidate.inference_mode(model)
+    ids = inputs.random_ids(4, 1, plan.ADAPTER_LEN, zoo_tokenizer.regular_token_count(tokenizer))
+    before = candidate.forward_logits(model, ids).cpu()
+
+    # A stable path (not a tmp dir) so the oracle's cached result is found next session.
+    directory = zoo.cache_root() / "candidate-adapters" / f"{spec}-{settings.dtype}"
+    shutil.rmtree(directory, ignore_errors=True)
+    model.save_pretrained(str(directory))
+    del model
+    reloaded, _ = candidate.load(spec, spec.max_position_embeddings, settings.dtype, path=directory)
+    candidate.inference_mode(reloaded)
+    after = candidate.forward_logits(reloaded, ids).cpu()
+    return {
+        "ids": ids,
+        "before": before,
+        "after": after,
+        "dir": str(directory),
+        "hash": _adapter_hash(directory),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(needed_models, settings, oracle) -> dict:
+    """Save and reload every collected model's adapter, then get all HF reloads from one oracle run."""
+    saved = {}
+    for spec in needed_models("adapter"):
+        try:
+            saved[spec.name] = _save_and_reload(spec, settings, oracle)
+        except Exception as error:  # reported by that model's test, not by the others
+            saved[spec.name] = error
+    good = [(n, s) for n, s in saved.items() if not isinstance(s, Exception)]
+    requests = [
+        plan.adapter_forward(zoo.BY_NAME[n], settings.dtype, settings.device, s["dir"], s["hash"])
+        for n, s in good
+    ]
+    for (_, entry), result in zip(good, oracle.fetch(requests) if requests else []):
+        entry["hf"] = result
+    return saved
+
+
+@pytest.mark.parametrize("spec", zoo.ZOO, ids=str)
+def test_adapter_save_reload(spec, saved_adapters, settings, record):
+    entry = saved_adapters[spec.name]
+    if isinstance(entry, Exception):
+        raise entry
+    assert entry["hf"]["input_ids"].equal(entry["ids"]), "oracle and candidate inputs differ"
+    tolerances.check(
+        record,
+        [
+            ("candidate_reload", "adapter_logits_rel", tolerances.rel_error(entry["after"], entry["before"])),
+            (
+                "hf_peft_reload",
+                "adapter_logits_rel",
+                tolerances.rel_error(entry["hf"]["logits"], entry["before"]),
+            ),
+        ],
+        settings.dtype,
+        detail=f"{spec}: adapter saved by the candidate in {entry['dir']}",
+    )

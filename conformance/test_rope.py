@@ -1,0 +1,42 @@
+"""RoPE scaling: YaRN logits at positions past original_max_position_embeddings.
+
+The YaRN models have original_max_position_embeddings 256, factor 4, and
+max_position_embeddings 320, like Qwen3's published long-context config. Unsloth is
+loaded with max_seq_length within max_position_embeddings (320) and beyond it (1024 =
+original x factor). Beyond is where stock Unsloth 2026.10.9 swaps YaRN for linear scaling
+(rel ~0.5): this case exists to catch that. The error is measured on positions >= 256,
+past the window the model was "trained" on, which is what long-context fine-tuning is
+about (YaRN's attention factor and interpolated frequencies change earlier positions too;
+the forward case covers those).
+"""
+
+import pytest
+
+from conformance import candidate, plan, tolerances, zoo
+
+pytestmark = pytest.mark.rope
+
+BEYOND = int(zoo.YARN["original_max_position_embeddings"] * zoo.YARN["factor"])  # 1024
+MAX_SEQ_LENGTHS = [zoo.YARN_MAX_POSITIONS, BEYOND]
+
+
+@pytest.mark.parametrize("max_seq_length", MAX_SEQ_LENGTHS, ids=lambda n: f"msl{n}")
+@pytest.mark.parametrize("spec", zoo.YARN_MODELS, ids=str)
+def test_rope_past_original_window(spec, max_seq_length, settings, oracle, candidates, record):
+    reference = oracle.get(plan.forward(spec, settings.dtype, settings.device))
+    model, _ = candidates.get(spec, max_seq_length, settings.dtype)
+    logits = candidate.forward_logits(model, reference["input_ids"])
+    start = spec.original_max_position_embeddings
+    tolerances.check(
+        record,
+        [
+            (
+                f"logits_rel[{start}:]",
+                "rope_logits_rel",
+                tolerances.rel_error(logits[start:], reference["logits"][start:]),
+            )
+        ],
+        settings.dtype,
+        detail=f"{spec}: max_seq_length {max_seq_length} vs max_position_embeddings "
+        f"{spec.max_position_embeddings}, YaRN factor {zoo.YARN['factor']}",
+    )

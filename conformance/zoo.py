@@ -1,0 +1,234 @@
+"""The tiny model zoo: qwen2, qwen3 and qwen3_moe, each ``plain`` and ``yarn``.
+
+Models are built here from a config and seeded random weights, never downloaded, and
+saved with ``save_pretrained`` (safetensors) under ``$CONFORMANCE_CACHE/zoo``. A model
+directory is keyed by a hash of its spec, the shape table, the tokenizer corpus and
+templates, and the transformers / tokenizers versions, so building is idempotent and a
+version change builds fresh files instead of reusing ones another version wrote.
+
+This module never imports Unsloth: the oracle process builds the zoo (see oracle.py), so
+weights are initialised and written by stock transformers.
+
+Run ``python -m conformance.zoo`` to build every model and print where it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import zlib
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from conformance import zoo_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Bump when the way models are built changes, so stale caches are not reused.
+ZOO_FORMAT = 1
+
+#: Shapes shared by every zoo model: big enough for real kernels to engage (head_dim 64,
+#: GQA 4:2), small enough to build and run in seconds.
+SHAPE = {
+    "num_hidden_layers": 2,
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+}
+HEAD_DIM = 64  # explicit for qwen3 / qwen3_moe (their configs carry head_dim); qwen2 derives 256 / 4
+ROPE_THETA = 10000.0
+
+#: Qwen3-MoE at tiny scale: 4 experts, top-2, every layer sparse.
+MOE_SHAPE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 128,
+    "decoder_sparse_step": 1,
+    "norm_topk_prob": True,
+}
+
+#: Plain models: plenty of positions for the 900-token forward case.
+PLAIN_MAX_POSITIONS = 1024
+
+#: YaRN as Qwen3 publishes it for long context (factor 4 over the trained window), scaled
+#: down: original 256 x factor 4 = 1024 > max_position_embeddings 320. That gap is what
+#: trips Unsloth's "max_seq_length > max_position_embeddings" RoPE override.
+YARN = {"factor": 4.0, "original_max_position_embeddings": 256}
+YARN_MAX_POSITIONS = 320
+
+# Random weights: std well above a trained model's init so logits are not flat (logit std
+# ~ 1.5 with these shapes), which keeps greedy decoding away from near-ties.
+WEIGHT_STD = 0.06
+# Norm weights are 1 + N(0, 0.1): a norm that is skipped or applied twice (qk-norm!) then
+# changes the output instead of hiding behind all-ones weights.
+NORM_JITTER = 0.1
+SEED = 1234
+
+FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
+ROPES = ("plain", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # qwen2 | qwen3 | qwen3_moe (the config's model_type)
+    rope: str  # plain | yarn
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}-{self.rope}"
+
+    def __str__(self) -> str:  # the pytest id: test_forward_logits[qwen3-yarn]
+        return self.name
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return YARN_MAX_POSITIONS if self.rope == "yarn" else PLAIN_MAX_POSITIONS
+
+    @property
+    def original_max_position_embeddings(self) -> int | None:
+        return YARN["original_max_position_embeddings"] if self.rope == "yarn" else None
+
+
+ZOO = tuple(ModelSpec(f, r) for f in FAMILIES for r in ROPES)
+BY_NAME = {spec.name: spec for spec in ZOO}
+YARN_MODELS = tuple(spec for spec in ZOO if spec.rope == "yarn")
+
+
+def transformers_major() -> int:
+    return int(metadata.version("transformers").split(".")[0])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CONFORMANCE_CACHE", REPO_ROOT / ".conformance_cache")).resolve()
+
+
+def _key(spec: ModelSpec) -> str:
+    material = {
+        "format": ZOO_FORMAT,
+        "spec": asdict(spec),
+        "shape": SHAPE,
+        "moe": MOE_SHAPE,
+        "yarn": YARN,
+        "std": [WEIGHT_STD, NORM_JITTER, SEED],
+        "tokenizer": [zoo_tokenizer.BPE_VOCAB_SIZE, zoo_tokenizer.CORPUS],
+        "template": zoo_tokenizer.published_template(spec.family),
+        "transformers": metadata.version("transformers"),
+        "tokenizers": metadata.version("tokenizers"),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_dir(spec: ModelSpec) -> Path:
+    return cache_root() / "zoo" / f"{spec.name}-{_key(spec)}"
+
+
+def is_built(spec: ModelSpec) -> bool:
+    return (model_dir(spec) / "COMPLETE").is_file()
+
+
+def files_hash(spec: ModelSpec) -> str:
+    """Hash of the model's files, written at build time (the oracle cache is keyed by it)."""
+    return (model_dir(spec) / "COMPLETE").read_text().strip()
+
+
+def rope_config_kwargs(spec: ModelSpec) -> dict:
+    """RoPE settings spelled the way the installed transformers reads them."""
+    scaling = {"rope_type": "yarn", **YARN} if spec.rope == "yarn" else None
+    if transformers_major() >= 5:
+        # v5 keeps theta and scaling together in rope_parameters.
+        params = {"rope_type": "default", "rope_theta": ROPE_THETA}
+        if scaling:
+            params = {**scaling, "rope_theta": ROPE_THETA}
+        return {"rope_parameters": params}
+    # v4: theta at top level, scaling in rope_scaling (Qwen's published configs use "rope_type").
+    return {"rope_theta": ROPE_THETA, "rope_scaling": scaling}
+
+
+def make_config(spec: ModelSpec, tokenizer):
+    from transformers import AutoConfig
+
+    vocab = len(tokenizer)
+    kwargs = dict(
+        SHAPE,
+        vocab_size=(vocab + 63) // 64 * 64,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.convert_tokens_to_ids(zoo_tokenizer.ENDOFTEXT),
+        eos_token_id=tokenizer.convert_tokens_to_ids(zoo_tokenizer.IM_END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(zoo_tokenizer.ENDOFTEXT),
+        use_sliding_window=False,
+        **rope_config_kwargs(spec),
+    )
+    if spec.family in ("qwen3", "qwen3_moe"):
+        kwargs["head_dim"] = HEAD_DIM
+    if spec.family == "qwen3_moe":
+        kwargs.update(MOE_SHAPE)
+    return AutoConfig.for_model(spec.family, **kwargs)
+
+
+def _randomize(model, spec: ModelSpec) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(SEED + zlib.crc32(spec.name.encode()))
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if "norm" in name.rsplit(".", 2)[-2]:
+                param.copy_(1.0 + NORM_JITTER * noise)
+            else:
+                # Weights, the qkv biases of qwen2, routers and fused expert tensors alike.
+                param.copy_(WEIGHT_STD * noise)
+
+
+def build(spec: ModelSpec) -> Path:
+    """Build (or find) the model directory for ``spec``; safe to call repeatedly."""
+    target = model_dir(spec)
+    if is_built(spec):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = zoo_tokenizer.build_tokenizer(spec.family)
+    config = make_config(spec, tokenizer)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, **_fp32_kwarg())
+    _randomize(model, spec)
+    model.generation_config.do_sample = False
+
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "zoo_spec.json").write_text(json.dumps({"name": spec.name, **asdict(spec)}, indent=1))
+    (staging / "COMPLETE").write_text(_hash_files(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _fp32_kwarg() -> dict:
+    # transformers 5 renamed torch_dtype to dtype.
+    import torch
+
+    return {"dtype": torch.float32} if transformers_major() >= 5 else {"torch_dtype": torch.float32}
+
+
+def _hash_files(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != "COMPLETE":
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    for spec in ZOO if len(sys.argv) < 2 else [BY_NAME[n] for n in sys.argv[1:]]:
+        print(spec.name, build(spec))
