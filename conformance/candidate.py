@@ -202,7 +202,7 @@ def greedy(
 
 
 def quantized_module_names(model) -> list[str]:
-    """Layer paths of the bitsandbytes 4-bit Linear modules (prefix-free, see layer_key)."""
-    return sorted(
-        layer_key(name) for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"
-    )
+    """Layer paths of the weights stored in 4 bits (prefix-free, see layer_key)."""
+    from conformance.quantized import quantized_names
+
+    return sorted(layer_key(name) for name in quantized_names(model))

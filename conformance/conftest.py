@@ -41,6 +41,7 @@ FAMILIES = {
     "rope": "YaRN logits past original_max_position_embeddings, max_seq_length within and beyond",
     "chat_template": "Qwen chat template rendering and token ids",
     "adapter": "LoRA adapter save and reload (candidate and HF PeftModel)",
+    "lora_targets": "a target_modules name matching nothing is an error, not a smaller adapter",
 }
 
 DTYPES = ("fp32", "bf16", "fp16")

@@ -76,7 +76,9 @@ def _tokenizer(request: dict):
 
 
 def quantized_module_names(model) -> list[str]:
-    return sorted(name for name, module in model.named_modules() if type(module).__name__ == "Linear4bit")
+    from conformance.quantized import quantized_names
+
+    return quantized_names(model)
 
 
 def run_forward(request: dict, job: dict) -> dict:

@@ -42,6 +42,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         # why exact token equality is fair).
         "generate_mismatch": 0,
         "chat_mismatch": 0,
+        "typo_accepted": 0,
         # LoRA trains adapters only: any gradient on a base weight is a bug, in any dtype.
         "base_weight_grads": 0,
     },
@@ -62,6 +63,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "adapter_logits_rel": 1e-1,
         "generate_mismatch": 0,
         "chat_mismatch": 0,
+        "typo_accepted": 0,
         "base_weight_grads": 0,
     },
     "fp16": {
@@ -75,6 +77,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "adapter_logits_rel": 5e-2,
         "generate_mismatch": 0,
         "chat_mismatch": 0,
+        "typo_accepted": 0,
         "base_weight_grads": 0,
     },
     "nf4": {
@@ -83,9 +86,10 @@ BOUNDS: dict[str, dict[str, float]] = {
         # compute order (and MoE routing flips): the bf16 logits bound.
         "nf4_vs_hf_nf4_rel": 1e-1,
         # Quantization error itself: NF4 on Gaussian weights has ~8-10% relative weight
-        # error, ~10-25% on the logits of a 2-layer random model. 0.35 is a sanity bound: a
-        # wrong absmax scale, codebook or transposed dequant gives >= 1.
-        "nf4_vs_bf16_rel": 0.35,
+        # error; on these 2-layer random models the logits moved 0.33-0.45 (H200, both
+        # Unsloth and the zoo's dense and MoE models). 0.6 is a sanity bound: a wrong absmax
+        # scale, codebook or transposed dequant gives >= 1.
+        "nf4_vs_bf16_rel": 0.6,
         # The set of quantized Linear modules must be the same as the reference's (same
         # skip list: lm_head and MoE routers stay 16-bit).
         "quantized_modules_mismatch": 0,
