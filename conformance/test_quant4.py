@@ -11,6 +11,8 @@ from conformance import candidate, plan, tolerances, zoo
 
 pytestmark = pytest.mark.quant4
 
+FUSED_EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+
 
 @pytest.mark.parametrize("spec", zoo.ZOO, ids=str)
 def test_nf4_logits(spec, settings, oracle, candidates, record):
@@ -25,14 +27,30 @@ def test_nf4_logits(spec, settings, oracle, candidates, record):
 
     quantized = set(candidate.quantized_module_names(model))
     expected = {candidate.layer_key(n) for n in nf4_reference["quantized_modules"]}
+    only_candidate, only_hf = quantized - expected, expected - quantized
+    # Unsloth (2026.x on transformers 5) also packs fused MoE expert tensors to NF4;
+    # bitsandbytes' HF path cannot (3-D parameters, not Linear layers) and keeps them bf16.
+    # The two 4-bit models then differ by design: NF4-vs-NF4 parity applies only when both
+    # quantized the same weights, and the case checks that the difference is exactly that.
+    fused_experts = {n for n in only_candidate if n.endswith(FUSED_EXPERT_TENSORS)}
+    measurements = [
+        ("nf4_vs_hf_bf16", "nf4_vs_bf16_rel", tolerances.rel_error(logits, bf16_reference["logits"])),
+        (
+            "quantized_modules_mismatch",
+            "quantized_modules_mismatch",
+            len(only_hf) + len(only_candidate - fused_experts),
+        ),
+    ]
+    if not fused_experts:
+        nf4_rel = tolerances.rel_error(logits, nf4_reference["logits"])
+        measurements.insert(0, ("nf4_vs_hf_nf4", "nf4_vs_hf_nf4_rel", nf4_rel))
+    else:
+        # nf4_vs_hf_nf4 is not comparable here; report how many tensors differ instead.
+        record.note("expert_tensors_nf4_only_in_unsloth", len(fused_experts))
     tolerances.check(
         record,
-        [
-            ("nf4_vs_hf_nf4", "nf4_vs_hf_nf4_rel", tolerances.rel_error(logits, nf4_reference["logits"])),
-            ("nf4_vs_hf_bf16", "nf4_vs_bf16_rel", tolerances.rel_error(logits, bf16_reference["logits"])),
-            ("quantized_modules_mismatch", "quantized_modules_mismatch", len(quantized ^ expected)),
-        ],
+        measurements,
         "nf4",
-        detail=f"{spec}: {plan.NF4_LEN} tokens; quantized only by candidate {sorted(quantized - expected)[:4]}, "
-        f"only by HF {sorted(expected - quantized)[:4]}",
+        detail=f"{spec}: {plan.NF4_LEN} tokens; quantized only by candidate {sorted(only_candidate)[:4]}, "
+        f"only by HF {sorted(only_hf)[:4]}",
     )
