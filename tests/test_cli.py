@@ -60,3 +60,36 @@ def test_doctor_lists_the_tested_pins() -> None:
 def test_console_script_is_declared() -> None:
     text = (REPO / "pyproject.toml").read_text()
     assert 'unsloth-qwen-compat = "unsloth_qwen_compat.cli:main"' in text
+
+
+def _report(path, results: dict[str, tuple[str, float]]) -> str:
+    cases = [
+        {"case": name, "result": result, "metrics": [{"metric": "rel", "value": value, "bound": 1e-4}]}
+        for name, (result, value) in results.items()
+    ]
+    path.write_text(json.dumps({"cases": cases}))
+    return str(path)
+
+
+@requires_unsloth
+def test_upstream_report_has_a_section_per_needed_patch_with_measured_numbers(tmp_path) -> None:
+    case = "test_rope_past_original_window[qwen3-yarn-msl1024]"
+    stock = _report(tmp_path / "stock.json", {case: ("fail", 0.852)})
+    shim = _report(tmp_path / "shim.json", {case: ("pass", 1.5e-06)})
+    done = run_python(
+        "", args=["-m", "unsloth_qwen_compat", "upstream-report", "--stock", stock, "--shim", shim]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    needed = json.loads(run_python("", args=["-m", "unsloth_qwen_compat", "status", "--json"]).stdout)
+    for patch in needed["patches"]:
+        assert (f"(`{patch['name']}`)" in out) is (patch["verdict"] == "needed")
+    if "(`rope_scaling`)" in out:
+        assert f"| `{case}` | fail: rel 0.852 (bound 0.0001) | pass: rel 1.5e-06 (bound 0.0001) |" in out
+        assert "FastLanguageModel.from_pretrained" in out  # the reproduction
+
+
+def test_upstream_report_without_unsloth_says_nothing_to_report() -> None:
+    done = _cli("upstream-report", prelude=HIDE_UNSLOTH)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("Nothing to report")

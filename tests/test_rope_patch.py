@@ -103,3 +103,125 @@ def test_patched_upstream_function_keeps_yarn_on_a_real_config() -> None:
         pytest.skip("this Unsloth keeps YaRN natively: nothing to compare")
     assert out["after"] == [None, "yarn"]
     assert out["grown"][0]["rope_type"] == "yarn" and out["grown"][0]["factor"] == pytest.approx(10.0)
+
+
+# -- Unsloth before 2026.6.3: cos/sin tables built from the config ------------------------
+
+TINY = dict(
+    hidden_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    num_hidden_layers=1,
+    intermediate_size=64,
+    vocab_size=128,
+    max_position_embeddings=320,
+)
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    "yarn-attention-factor": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 256,
+        "attention_factor": 1.3,
+    },
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+}
+
+
+def _qwen3_config(scaling):
+    transformers = pytest.importorskip("transformers")
+    theta = 1e6
+    try:  # transformers 5: everything in rope_parameters
+        parameters = (
+            {"rope_type": "default", "rope_theta": theta}
+            if scaling is None
+            else {**scaling, "rope_theta": theta}
+        )
+        return transformers.Qwen3Config(rope_parameters=parameters, **TINY)
+    except TypeError:  # transformers 4
+        return transformers.Qwen3Config(rope_scaling=scaling, rope_theta=theta, **TINY)
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+def test_cos_sin_tables_match_transformers_rotary_embedding(name) -> None:
+    import torch
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    from unsloth_qwen_compat.patches.rope_scaling import rope_cos_sin, scaled_inv_freq
+
+    config = _qwen3_config(SCALINGS[name])
+    positions = torch.arange(900)[None]
+    reference_cos, reference_sin = Qwen3RotaryEmbedding(config)(
+        torch.zeros(1, dtype=torch.float32), positions
+    )
+    cos, sin = rope_cos_sin(*scaled_inv_freq(config), 900)
+    torch.testing.assert_close(cos, reference_cos[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sin, reference_sin[0], rtol=1e-5, atol=1e-5)
+    plain_cos, _ = rope_cos_sin(*scaled_inv_freq(_qwen3_config({"rope_type": "linear", "factor": 1.0})), 900)
+    assert (cos - plain_cos).abs().max() > 1e-3  # the scaling really changes the table
+
+
+def test_plain_rope_needs_no_table_and_dynamic_types_are_refused() -> None:
+    from unsloth_qwen_compat.patches.rope_scaling import UnsupportedRopeScalingError, scaled_inv_freq
+
+    assert scaled_inv_freq(_qwen3_config(None)) is None
+    with pytest.raises(UnsupportedRopeScalingError, match="supported: linear, yarn, llama3"):
+        scaled_inv_freq(SimpleNamespace(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
+
+def _from_pretrained_stand_in(calls):
+    # Stand-in for FastLlamaModel.from_pretrained of 2025.x (records what it was given).
+    def from_pretrained(
+        model_name="unsloth/x",
+        max_seq_length=None,
+        dtype=None,
+        token=None,
+        rope_scaling=None,
+        trust_remote_code=False,
+        revision=None,
+        **kwargs,
+    ):
+        calls.append(
+            {"model_name": model_name, "max_seq_length": max_seq_length, "rope_scaling": rope_scaling}
+        )
+        return "model"
+
+    return from_pretrained
+
+
+@pytest.mark.parametrize(("max_seq_length", "passes_scaling"), [(320, False), (1024, True)])
+def test_old_from_pretrained_gets_the_config_scaling_so_it_does_not_swap_it(
+    tmp_path, max_seq_length, passes_scaling
+) -> None:
+    from unsloth_qwen_compat.patches.rope_scaling import _keeping_config_scaling
+
+    _qwen3_config(SCALINGS["yarn"]).save_pretrained(tmp_path)
+    calls: list[dict] = []
+    wrapped = _keeping_config_scaling(_from_pretrained_stand_in(calls))
+    assert wrapped(str(tmp_path), max_seq_length=max_seq_length) == "model"
+    scaling = calls[0]["rope_scaling"]
+    assert (scaling is not None) is passes_scaling
+    if passes_scaling:
+        assert scaling["rope_type"] == "yarn" and scaling["factor"] == 4.0
+
+
+def test_old_from_pretrained_refuses_yarn_past_its_own_window(tmp_path) -> None:
+    from unsloth_qwen_compat.patches.rope_scaling import UnsupportedRopeScalingError, _keeping_config_scaling
+
+    _qwen3_config(SCALINGS["yarn"]).save_pretrained(tmp_path)
+    calls: list[dict] = []
+    wrapped = _keeping_config_scaling(_from_pretrained_stand_in(calls))
+    with pytest.raises(UnsupportedRopeScalingError, match="max_seq_length <= 1024"):
+        wrapped(str(tmp_path), max_seq_length=2048)
+    assert calls == []
+    # A caller's explicit rope_scaling is theirs: passed through untouched.
+    wrapped(str(tmp_path), max_seq_length=2048, rope_scaling={"type": "linear", "factor": 8.0})
+    assert calls[-1]["rope_scaling"] == {"type": "linear", "factor": 8.0}

@@ -117,6 +117,10 @@ class Patch(abc.ABC):
     summary: ClassVar[str]
     #: False for a slot whose probe is real but whose patch body is not written yet.
     implemented: ClassVar[bool] = True
+    #: Conformance case names (prefixes) that measure this defect, for upstream reports.
+    conformance_cases: ClassVar[tuple[str, ...]] = ()
+    #: A minimal reproduction, as Python, for an upstream issue.
+    reproduction: ClassVar[str] = ""
 
     @abc.abstractmethod
     def probe(self, env: Environment) -> ProbeResult: ...

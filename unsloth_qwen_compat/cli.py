@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from ._env import MODE_CPU_FALLBACK, TRACKED_DISTRIBUTIONS
@@ -174,8 +175,21 @@ def main(argv: list[str] | None = None) -> int:
             action="store_true",
             help="without a GPU, do not inspect Unsloth's GPU code in a child process",
         )
+    upstream = sub.add_parser(
+        "upstream-report", help="markdown for upstream issues, one section per needed patch"
+    )
+    upstream.add_argument("--stock", type=Path, help="conformance.json of a run with the shim disabled")
+    upstream.add_argument("--shim", type=Path, help="conformance.json of a run with the shim")
+    upstream.add_argument("--no-inspect", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     report = collect_status(inspect=not args.no_inspect)
+    if args.command == "upstream-report":
+        from . import upstream
+        from .patches import all_patches
+
+        patches = {patch.name: patch for patch in all_patches()}
+        print(upstream.render(report, patches, args.stock, args.shim))
+        return 0
     if args.json:
         print(json.dumps(report, indent=2))
     elif args.command == "status":

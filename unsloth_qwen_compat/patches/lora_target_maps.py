@@ -36,6 +36,13 @@ def _checking_target_modules(get_peft_model: Any) -> Any:
 class LoraTargetMaps(Patch):
     name = "lora_target_maps"
     summary = "LoRA target names for qwen2/qwen3/qwen3_moe; typos are errors"
+    conformance_cases = ("test_lora_target_typo_is_rejected",)
+    reproduction = """\
+from unsloth import FastLanguageModel
+model, _ = FastLanguageModel.from_pretrained("Qwen/Qwen3-0.6B", load_in_4bit=False)
+model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "v_prj"])
+# Prints "You added custom modules" and trains q_proj alone: no error for "v_prj".
+"""
 
     def probe(self, env: Environment) -> ProbeResult:
         try:
