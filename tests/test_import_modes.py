@@ -148,4 +148,3 @@ def test_with_a_gpu_patches_apply_for_real() -> None:
     needed = [p["name"] for p in status["patches"] if p["verdict"] == "needed" and p["fixable"]]
     assert "rope_scaling" in needed
     assert set(applied) <= set(needed) and "rope_scaling" in applied
-    assert status["timings"]["shim_s"] < 0.1

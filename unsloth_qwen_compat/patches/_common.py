@@ -44,3 +44,32 @@ def unsloth_module(env: Environment, dotted: str) -> ModuleType:
         return importlib.import_module(dotted)
     except Exception as exc:
         raise Unavailable(unsupported(f"cannot import {dotted}: {type(exc).__name__}: {exc}")) from exc
+
+
+def code_mentions(function: object, *, names: tuple[str, ...] = (), text: tuple[str, ...] = ()) -> bool:
+    """Whether ``function``'s compiled code uses every attribute/global in ``names`` and
+    has a string constant containing each of ``text`` (nested functions included).
+
+    Reading code objects costs microseconds; ``inspect.getsource`` on Unsloth's
+    thousand-line functions costs tens of milliseconds at import time.
+    """
+    function = getattr(function, "__func__", function)
+    codes = []
+    while function is not None:  # a decorated function: look through every wrapper
+        if hasattr(function, "__code__"):
+            codes.append(function.__code__)
+        function = getattr(function, "__wrapped__", None)
+    seen_names: set[str] = set()
+    strings: list[str] = []
+    pending = codes
+    while pending:
+        current = pending.pop()
+        seen_names.update(current.co_names)
+        for constant in current.co_consts:
+            if isinstance(constant, str):
+                strings.append(constant)
+            elif hasattr(constant, "co_consts"):
+                pending.append(constant)
+    return all(name in seen_names for name in names) and all(
+        any(fragment in string for string in strings) for fragment in text
+    )

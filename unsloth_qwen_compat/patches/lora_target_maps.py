@@ -15,7 +15,7 @@ from typing import Any
 from .._env import Environment
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
 from ..lora_targets import QWEN_LORA_TARGETS, check_target_modules, model_type_of
-from ._common import Unavailable, unsloth_module
+from ._common import Unavailable, code_mentions, unsloth_module
 
 
 def _checking_target_modules(get_peft_model: Any) -> Any:
@@ -54,12 +54,8 @@ model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "
             return unsupported("FastLlamaModel.get_peft_model not found: layout changed upstream")
         if "target_modules" not in inspect.signature(get_peft_model).parameters:
             return unsupported("FastLlamaModel.get_peft_model takes no target_modules argument")
-        try:
-            source = inspect.getsource(get_peft_model)
-        except (OSError, TypeError) as exc:
-            return unsupported(f"cannot read FastLlamaModel.get_peft_model: {exc}")
         # Upstream's only reaction to an unknown name is this notice; PEFT then skips it.
-        if "hasn't optimized for this" in source or "You added custom modules" in source:
+        if code_mentions(get_peft_model, text=("You added custom modules",)):
             return needed("an unknown target_modules name is accepted with a notice and trains nothing")
         return native("get_peft_model no longer accepts unknown target_modules silently")
 

@@ -8,11 +8,9 @@ for the gate; the bias-aware kernel is not written yet.
 
 from __future__ import annotations
 
-import inspect
-
 from .._env import Environment
 from .._registry import Patch, ProbeResult, native, needed, unsupported
-from ._common import Unavailable, unsloth_module
+from ._common import Unavailable, code_mentions, unsloth_module
 
 
 class Qwen2FusedQkvBias(Patch):
@@ -28,11 +26,7 @@ class Qwen2FusedQkvBias(Patch):
         patch_peft_model = getattr(getattr(llama, "FastLlamaModel", None), "patch_peft_model", None)
         if patch_peft_model is None:
             return unsupported("FastLlamaModel.patch_peft_model not found: layout changed upstream")
-        try:
-            source = inspect.getsource(patch_peft_model)
-        except (OSError, TypeError) as exc:
-            return unsupported(f"cannot read FastLlamaModel.patch_peft_model: {exc}")
-        # The fused QKV path is gated on every base q/k/v bias being None.
-        if "apply_lora_qkv" in source and ".bias is None" in source:
+        # The fused QKV path is gated on the base q/k/v ``.bias`` (None for Llama, Qwen3).
+        if code_mentions(patch_peft_model, names=("apply_lora_qkv", "bias")):
             return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
         return native("the fused LoRA QKV path no longer requires bias-free q/k/v")

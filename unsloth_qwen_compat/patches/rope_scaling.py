@@ -33,7 +33,7 @@ from typing import Any
 
 from .._env import Environment
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
-from ._common import Unavailable, unsloth_module
+from ._common import Unavailable, code_mentions, unsloth_module
 
 #: Types whose inv_freq does not depend on the sequence length, so one cached table is exact.
 STATIC_ROPE_TYPES = ("linear", "yarn", "llama3")
@@ -217,19 +217,18 @@ def _keeping_config_scaling(from_pretrained: Callable[..., Any]) -> Callable[...
 
 
 def _ignores_config_scaling(rotary: Any) -> bool:
-    try:
-        source = inspect.getsource(rotary)
-    except (OSError, TypeError):
-        return False
-    return "rope_scaling" not in source and "rope_parameters" not in source
+    """Neither building nor caching the tables reads the config's scaling."""
+    methods = [vars(rotary).get(name) for name in ("__init__", "_set_cos_sin_cache")]
+    return not any(
+        code_mentions(method, names=(attribute,))
+        for method in methods
+        for attribute in ("rope_scaling", "rope_parameters")
+    )
 
 
 def _swaps_for_linear_in_body(from_pretrained: Any) -> bool:
-    try:
-        source = inspect.getsource(from_pretrained)
-    except (OSError, TypeError):
-        return False
-    return '"type": "linear"' in source and "rope_scaling is None" in source
+    """``rope_scaling = {"type": "linear", ...}`` built inside from_pretrained itself."""
+    return code_mentions(from_pretrained, text=("linear", "kaiokendev"))
 
 
 def _probe_config() -> SimpleNamespace:
