@@ -90,6 +90,9 @@ def device_of(model) -> torch.device:
 
 def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of one sequence (positions x vocab), with no KV cache involved."""
+    # Unsloth's generate (2025.x) ends by switching the model to training mode, so a cached
+    # model may come back in it: every forward states the mode it is measured in.
+    inference_mode(model)
     with torch.no_grad():
         out = model(input_ids=input_ids.to(device_of(model)), use_cache=False)
     return out.logits[0]
