@@ -115,7 +115,7 @@ def render_doctor(report: dict[str, Any]) -> str:
             leg.transformers,
             leg.trl,
             leg.peft,
-            "recorded" if leg.conformance_recorded else "not yet run",
+            leg.conformance or "not yet run",
         ]
         for leg in LEGS
     ]
@@ -148,7 +148,7 @@ def render_doctor(report: dict[str, Any]) -> str:
                 advice.append(
                     f"{name} {installed.get(name)} differs from the tested {pin}: pip install {name}=={pin}"
                 )
-        if not leg.conformance_recorded:
+        if not leg.conformance:
             advice.append(f"leg {leg.name} has no recorded conformance run yet: run tox -e gpu-{leg.name}.")
     if env["unsloth_mode"] in ("cpu-fallback", "cpu-allowed"):
         advice.append("No CUDA GPU: Unsloth cannot train here; use the HF path (model.use_unsloth: false).")
