@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,7 @@ def test_4bit_without_gpu_is_an_error(checkpoint: Path) -> None:
 
 def test_ddp_places_the_model_on_the_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading, "device_map_for_this_process", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
@@ -664,3 +666,41 @@ def test_hf_path_4bit(checkpoint: Path) -> None:
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.quant_type == "nf4" for m in quantized)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+
+def test_qwen3_moe_4bit_warns_that_the_paths_quantize_different_weights(tmp_path, monkeypatch) -> None:
+    # Stand-ins: the 4-bit config and the HF load (4-bit needs a GPU); the warning comes first.
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    )
+    config.save_pretrained(tmp_path)
+
+    class StopLoading(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise StopLoading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading, "device_map_for_this_process", lambda: None)
+    monkeypatch.setattr(loading, "quantization_config", lambda cfg, model_type=None: object())
+    monkeypatch.setattr(loading, "_load_hf", stop)
+    expected = 5 <= (loading.environment().transformers_major or 0)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(StopLoading):
+        warnings.simplefilter("always")
+        loading.load_base_model(_config(tmp_path, load_in_4bit=True, dtype="float32"))
+    moe = [
+        w for w in caught if issubclass(w.category, loading.LoaderWarning) and "Qwen3-MoE" in str(w.message)
+    ]
+    assert bool(moe) is expected

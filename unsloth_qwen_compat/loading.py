@@ -435,6 +435,15 @@ def load_base_model(
     dtype = resolve_dtype(cfg.model.dtype)
     bnb = quantization_config(cfg, model_type)
     device_map = device_map_for_this_process()
+    if bnb is not None and model_type == "qwen3_moe" and (environment().transformers_major or 0) >= 5:
+        # Measured by the conformance suite (quant4 case, Unsloth 2026.10.9, H200).
+        warnings.warn(
+            "Qwen3-MoE in 4-bit on transformers 5: Unsloth also stores the fused expert weights "
+            "(experts.gate_up_proj / down_proj) in NF4, transformers' bitsandbytes path keeps them "
+            "in bf16, so the two paths do not train the same 4-bit model. Compare paths in bf16.",
+            LoaderWarning,
+            stacklevel=2,
+        )
     if framework == UNSLOTH:
         model, tokenizer = _load_unsloth(cfg, dtype, bnb, device_map)
     else:
