@@ -261,7 +261,6 @@ def test_4bit_without_gpu_is_an_error(checkpoint: Path) -> None:
 
 def test_ddp_places_the_model_on_the_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(loading, "device_map_for_this_process", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)

@@ -38,21 +38,24 @@ def _disabled() -> bool:
     return os.environ.get(DISABLE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _import_unsloth() -> _env.UnslothState:
+def _import_unsloth() -> tuple[_env.UnslothState, _env.GpuInfo | None]:
     try:
         spec = importlib.util.find_spec("unsloth")
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        return _env.UnslothState(_env.MODE_MISSING)
+        return _env.UnslothState(_env.MODE_MISSING), _env.detect_gpu()
     try:
         # Unsloth prints banners while importing; keep stdout for the caller's own output
         # (``status --json`` must hold nothing but JSON).
         with contextlib.redirect_stdout(sys.stderr):
             module = importlib.import_module("unsloth")
     except Exception as exc:  # a broken Unsloth must not break the HF path
-        return _env.UnslothState(_env.MODE_IMPORT_FAILED, error=f"{type(exc).__name__}: {exc}")
-    return _env.UnslothState(_env.unsloth_mode_after_import(module), module=module)
+        return _env.UnslothState(
+            _env.MODE_IMPORT_FAILED, error=f"{type(exc).__name__}: {exc}"
+        ), _env.detect_gpu()
+    gpu = _env.detect_gpu()  # after Unsloth, which has imported torch and set up CUDA anyway
+    return _env.UnslothState(_env.unsloth_mode_after_import(module, gpu), module=module), gpu
 
 
 class _State:
@@ -61,13 +64,13 @@ class _State:
     def __init__(self) -> None:
         started = time.perf_counter()
         transformers_first = "transformers" in sys.modules and "unsloth" not in sys.modules
-        unsloth_state = _import_unsloth()
+        unsloth_state, gpu = _import_unsloth()
         self.unsloth_import_seconds = time.perf_counter() - started
         self.env = _env.Environment(
             python=_env.describe_python(),
             platform=sys.platform,
             versions=_env.read_versions(),
-            gpu=_env.detect_gpu(),
+            gpu=gpu,
             unsloth=unsloth_state,
             transformers_imported_first=transformers_first,
         )

@@ -169,7 +169,7 @@ def read_versions() -> dict[str, str | None]:
     return {name: distribution_version(name) for name in TRACKED_DISTRIBUTIONS}
 
 
-def unsloth_mode_after_import(module: Any) -> str:
+def unsloth_mode_after_import(module: Any, gpu: GpuInfo | None) -> str:
     """GPU, CPU fallback or CPU-allowed, from the imported ``unsloth`` module.
 
     2026.x sets ``_IS_CPU_BACKEND`` when it fell back to stock transformers code;
@@ -177,7 +177,7 @@ def unsloth_mode_after_import(module: Any) -> str:
     """
     if getattr(module, "_IS_CPU_BACKEND", False):
         return MODE_CPU_FALLBACK
-    if detect_gpu() is None and os.environ.get("UNSLOTH_ALLOW_CPU", "") not in ("", "0"):
+    if gpu is None and os.environ.get("UNSLOTH_ALLOW_CPU", "") not in ("", "0"):
         return MODE_CPU_ALLOWED
     return MODE_GPU
 
