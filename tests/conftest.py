@@ -64,3 +64,23 @@ def child_status(prelude: str = "", env: dict[str, str] | None = None) -> dict[s
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"_stderr": done.stderr}
+
+
+#: A Qwen config small enough to build in milliseconds on CPU.
+TINY_QWEN = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=64,
+)
+
+
+def tiny_qwen_config(model_type: str) -> Any:
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, **TINY_QWEN)
+    if model_type == "qwen3_moe":
+        config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size = 4, 2, 16
+    return config

@@ -36,7 +36,7 @@ from unsloth_qwen_compat.loading import (
 )
 from unsloth_qwen_compat.lora_targets import UnknownTargetModuleError
 
-from .conftest import REPO, requires_unsloth, run_python
+from .conftest import REPO, requires_unsloth, run_python, tiny_qwen_config
 
 HAS_CUDA = torch.cuda.is_available()
 cpu_only = pytest.mark.skipif(
@@ -669,20 +669,7 @@ def test_hf_path_4bit(checkpoint: Path) -> None:
 
 def test_qwen3_moe_4bit_warns_that_the_paths_quantize_different_weights(tmp_path, monkeypatch) -> None:
     # Stand-ins: the 4-bit config and the HF load (4-bit needs a GPU); the warning comes first.
-    import transformers
-
-    config = transformers.AutoConfig.for_model(
-        "qwen3_moe",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-    )
+    config = tiny_qwen_config("qwen3_moe")
     config.save_pretrained(tmp_path)
 
     class StopLoading(Exception):

@@ -14,21 +14,11 @@ from unsloth_qwen_compat.lora_targets import (  # noqa: E402
     default_targets,
 )
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=64,
-)
+from .conftest import tiny_qwen_config  # noqa: E402
 
 
 def _model(model_type: str):
-    config = transformers.AutoConfig.for_model(model_type, **TINY)
-    if model_type == "qwen3_moe":
-        config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size = 4, 2, 16
-    return transformers.AutoModelForCausalLM.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(tiny_qwen_config(model_type))
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
