@@ -1,0 +1,65 @@
+"""The chat-template patch on the installed Unsloth's registry, with Qwen3 removed first
+(a stand-in for Unsloth 2025.3, which has no Qwen3 template)."""
+
+from __future__ import annotations
+
+import json
+
+from unsloth_qwen_compat.patches.chat_templates import FAMILIES, missing_families, published_template
+
+from .conftest import REPO, requires_unsloth, run_python
+
+
+def test_packaged_templates_are_qwens_published_ones() -> None:
+    # conformance/templates holds the suite's own copies of Qwen's templates (from TRL).
+    for family, (filename, _) in FAMILIES.items():
+        assert published_template(family) == (REPO / "conformance" / "templates" / filename).read_text()
+
+
+def test_missing_families_reads_the_registry() -> None:
+    qwen25 = ("{{ messages }}", "<|im_end|>", False, "")
+    assert missing_families({}) == {"Qwen2.5": "not registered", "Qwen3": "not registered"}
+    assert missing_families({"qwen2.5": qwen25, "qwen3": ("no thinking here", "", False, "")}) == {
+        "Qwen3": "ignores enable_thinking (thinking on/off)"
+    }
+    assert missing_families({"qwen25": qwen25, "qwen-3": ("{{ enable_thinking }}", "", False, "")}) == {}
+
+
+@requires_unsloth
+def test_qwen3_template_is_registered_where_missing_and_renders_as_published() -> None:
+    code = """
+        import json, os, sys
+        sys.path.insert(0, os.environ["EXAMPLES_DIR"])
+        import unsloth.chat_templates as ct
+        for name in ("qwen3", "qwen-3"):  # the stand-in: a registry without Qwen3
+            ct.CHAT_TEMPLATES.pop(name)
+        import unsloth_qwen_compat as m
+        from unsloth_qwen_compat.patches.chat_templates import published_template
+        from tiny_qwen import build_tokenizer
+        entry = m.status()["patches"][3]
+        tokenizer = ct.get_chat_template(build_tokenizer(), chat_template="qwen3")
+        conversation = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "<think>\\nok\\n</think>\\n\\nHello!"},
+                        {"role": "user", "content": "2+2?"}]
+        rendered, expected = {}, {}
+        for thinking in (True, False):
+            rendered[thinking] = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+            tokenizer.chat_template = published_template("Qwen3")
+            expected[thinking] = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+            tokenizer = ct.get_chat_template(build_tokenizer(), chat_template="qwen3")
+        m.revert()
+        print(json.dumps({"entry": entry, "same": [rendered[t] == expected[t] for t in (True, False)],
+                          "differs_by_thinking": rendered[True] != rendered[False],
+                          "after_revert": "qwen3" in ct.CHAT_TEMPLATES}))
+    """
+    done = run_python(code, env={"UNSLOTH_ALLOW_CPU": "1", "EXAMPLES_DIR": str(REPO / "examples")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["entry"]["name"] == "chat_templates"
+    assert (out["entry"]["verdict"], out["entry"]["action"]) == ("needed", "applied")
+    assert "Qwen3 template not registered" in out["entry"]["reason"]
+    assert out["same"] == [True, True]
+    assert out["differs_by_thinking"]
+    assert out["after_revert"] is False
