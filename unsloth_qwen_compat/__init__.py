@@ -26,9 +26,6 @@ from .patches import all_patches
 
 DISABLE_VARIABLE = "UNSLOTH_QWEN_COMPAT_DISABLE"
 
-#: Patches that fix wrong numerics or missing models; a needed one left unapplied is warned about.
-CORRECTNESS_PATCHES = ("qwen3_registration", "rope_scaling", "lora_target_maps", "chat_templates")
-
 
 class UnslothQwenCompatWarning(UserWarning):
     """The shim could not fully do its job in this process."""
@@ -120,7 +117,7 @@ class _State:
         for entry in self.shim.ledger.values():
             if entry.action is Action.FAILED:
                 problems.append(f"patch {entry.name} failed: {entry.detail}")
-            elif entry.action is Action.NOT_IMPLEMENTED and entry.name in CORRECTNESS_PATCHES:
+            elif entry.action is Action.NOT_IMPLEMENTED and not self.shim.patches[entry.name].speed_only:
                 problems.append(f"{entry.name} is needed ({entry.reason}) but not fixed by this release")
         if problems:
             warnings.warn(

@@ -117,6 +117,8 @@ class Patch(abc.ABC):
     summary: ClassVar[str]
     #: False for a slot whose probe is real but whose patch body is not written yet.
     implemented: ClassVar[bool] = True
+    #: True for a patch that only makes training faster: leaving it unapplied is not warned about.
+    speed_only: ClassVar[bool] = False
     #: Conformance case names (prefixes) that measure this defect, for upstream reports.
     conformance_cases: ClassVar[tuple[str, ...]] = ()
     #: A minimal reproduction, as Python, for an upstream issue.

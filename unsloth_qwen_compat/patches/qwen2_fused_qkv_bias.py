@@ -17,6 +17,7 @@ class Qwen2FusedQkvBias(Patch):
     name = "qwen2_fused_qkv_bias"
     summary = "fused LoRA QKV kernel for Qwen2's biased q/k/v (speed)"
     implemented = False
+    speed_only = True
 
     def probe(self, env: Environment) -> ProbeResult:
         try:
