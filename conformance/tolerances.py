@@ -43,6 +43,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "generate_mismatch": 0,
         "chat_mismatch": 0,
         "typo_accepted": 0,
+        "generic_path": 0,
         # LoRA trains adapters only: any gradient on a base weight is a bug, in any dtype.
         "base_weight_grads": 0,
     },
@@ -64,6 +65,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "generate_mismatch": 0,
         "chat_mismatch": 0,
         "typo_accepted": 0,
+        "generic_path": 0,
         "base_weight_grads": 0,
     },
     "fp16": {
@@ -78,6 +80,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "generate_mismatch": 0,
         "chat_mismatch": 0,
         "typo_accepted": 0,
+        "generic_path": 0,
         "base_weight_grads": 0,
     },
     "nf4": {
