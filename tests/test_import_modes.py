@@ -148,6 +148,13 @@ def test_with_a_gpu_patches_apply_for_real() -> None:
     needed = [p["name"] for p in status["patches"] if p["verdict"] == "needed" and p["fixable"]]
     assert "rope_scaling" in needed
     assert set(applied) <= set(needed) and "rope_scaling" in applied
+    # On a tested leg, status names exactly the patches that leg was measured to need.
+    leg = status["tested_leg"]
+    if leg is not None:
+        from unsloth_qwen_compat._matrix import leg_named
+
+        assert sorted(needed) == sorted(leg_named(leg).expected_needs), (leg, needed)
+        assert sorted(applied) == sorted(needed), "every needed patch applies on a tested leg"
 
 
 @requires_unsloth
