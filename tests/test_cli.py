@@ -4,7 +4,14 @@ import json
 
 from .conftest import HIDE_UNSLOTH, REPO, requires_unsloth, run_python
 
-SLOTS = ("qwen3_registration", "rope_scaling", "lora_target_maps", "chat_templates", "qwen2_fused_qkv_bias")
+SLOTS = (
+    "qwen3_registration",
+    "rope_scaling",
+    "lora_target_maps",
+    "chat_templates",
+    "kv_cache_left_padding",
+    "qwen2_fused_qkv_bias",
+)
 
 
 def _cli(*args: str, prelude: str = "", env: dict[str, str] | None = None):

@@ -54,7 +54,7 @@ LEGS: tuple[Leg, ...] = (
         transformers="4.57.1",
         trl="0.23.0",
         peft="0.17.1",
-        expected_needs=("rope_scaling", "lora_target_maps", "qwen2_fused_qkv_bias"),
+        expected_needs=("rope_scaling", "lora_target_maps", "kv_cache_left_padding", "qwen2_fused_qkv_bias"),
         conformance="53/57 pass (H200); left-padded batched KV-cache generation is wrong upstream",
     ),
     Leg(
@@ -69,6 +69,7 @@ LEGS: tuple[Leg, ...] = (
             "rope_scaling",
             "lora_target_maps",
             "chat_templates",
+            "kv_cache_left_padding",
             "qwen2_fused_qkv_bias",
         ),
         conformance="",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._registry import Patch
 from .chat_templates import ChatTemplates
+from .kv_cache_left_padding import KvCacheLeftPadding
 from .lora_target_maps import LoraTargetMaps
 from .qwen2_fused_qkv_bias import Qwen2FusedQkvBias
 from .qwen3_registration import Qwen3Registration
@@ -12,7 +13,14 @@ from .rope_scaling import RopeScaling
 
 def all_patches() -> list[Patch]:
     """Fresh instances of every patch, registration first (later patches build on it)."""
-    return [Qwen3Registration(), RopeScaling(), LoraTargetMaps(), ChatTemplates(), Qwen2FusedQkvBias()]
+    return [
+        Qwen3Registration(),
+        RopeScaling(),
+        LoraTargetMaps(),
+        ChatTemplates(),
+        KvCacheLeftPadding(),
+        Qwen2FusedQkvBias(),
+    ]
 
 
 __all__ = ["all_patches"]
