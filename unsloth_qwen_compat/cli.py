@@ -1,4 +1,4 @@
-"""``python -m unsloth_qwen_compat status | doctor`` (also the ``unsloth-qwen-compat`` script)."""
+"""``python -m unsloth_qwen_compat status | doctor | upstream-report | bench`` (also the ``unsloth-qwen-compat`` script)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import bench
 from ._env import MODE_CPU_FALLBACK, TRACKED_DISTRIBUTIONS
 from ._matrix import LEGS
 
@@ -181,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     upstream.add_argument("--stock", type=Path, help="conformance.json of a run with the shim disabled")
     upstream.add_argument("--shim", type=Path, help="conformance.json of a run with the shim")
     upstream.add_argument("--no-inspect", action="store_true", help=argparse.SUPPRESS)
+    bench.add_arguments(
+        sub.add_parser("bench", help="training throughput, peak memory and MFU: HF vs Unsloth vs the shim")
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.run(args, bench.command_line(argv[1:]))
     report = collect_status(inspect=not args.no_inspect)
     if args.command == "upstream-report":
         from . import upstream

@@ -1,0 +1,341 @@
+"""One benchmark case, in a process of its own (started by :mod:`unsloth_qwen_compat.bench`).
+
+The parent starts this file by path (``runpy``), not as ``-m unsloth_qwen_compat._bench_worker``:
+the ``hf`` path must hide Unsloth before anything imports ``unsloth_qwen_compat``, whose
+``__init__`` imports Unsloth. So this module imports nothing of the package at the top.
+
+Argument: a JSON spec (see ``bench.case_spec``). Modes:
+
+- ``prepare``: build the shape's random-weight bf16 checkpoint (on the GPU when there is
+  one) with the conformance zoo's tokenizer, and ``save_pretrained`` it;
+- ``train``: load through the package's loader, attach LoRA, time the steps;
+- ``bisect``: load once, then the longest sequence that trains one step.
+
+The result, also when the case fails (``status: failed`` with the error's last line), is
+written as JSON to ``spec["result"]``; the exit code is 0 only for ``status: ok``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+HIDDEN = ("unsloth", "unsloth_zoo")
+
+
+def hide_unsloth() -> None:
+    """Make Unsloth unimportable and uninstalled-looking here: the HF path must be stock transformers."""
+    import importlib.abc
+    import importlib.metadata as metadata
+
+    class HideUnsloth(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+            if name.split(".")[0] in HIDDEN:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, HideUnsloth())
+    real_version = metadata.version
+
+    def version(name: str) -> str:
+        if name.replace("-", "_") in HIDDEN:
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    metadata.version = version
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: message`` as a traceback's last line says it (first and last line when several)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
+    message = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(exc).__name__}: {message}".rstrip(": ")[:400]
+
+
+def _log(message: str) -> None:
+    print(f"[bench worker] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------
+
+
+def _zoo_tokenizer() -> Any:
+    """The conformance zoo's tokenizer builder (a tiny Qwen-style BPE that Unsloth accepts)."""
+    try:
+        from conformance import zoo_tokenizer
+    except ImportError as exc:
+        raise RuntimeError(
+            "building a bench checkpoint needs conformance/zoo_tokenizer.py from the repository "
+            "checkout next to the package; run the bench from a checkout"
+        ) from exc
+    return zoo_tokenizer
+
+
+def prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unsloth_qwen_compat import bench
+    from unsloth_qwen_compat.loading import _dtype_keyword
+
+    shape = bench.SHAPES[spec["shape"]]
+    target = Path(spec["checkpoint"])
+    zoo_tokenizer = _zoo_tokenizer()
+    tokenizer = zoo_tokenizer.build_tokenizer(shape.model_type)
+    config = bench.build_config(shape)
+    config.bos_token_id = config.pad_token_id = tokenizer.convert_tokens_to_ids(zoo_tokenizer.ENDOFTEXT)
+    config.eos_token_id = tokenizer.convert_tokens_to_ids(zoo_tokenizer.IM_END)
+    device = "cuda" if spec["device"] == "cuda" and torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    torch.manual_seed(spec["seed"])
+    # Built directly in bf16 on the GPU: an 8B model initialises in seconds there.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **{_dtype_keyword(): torch.bfloat16})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2:  # matrices N(0, 0.02); norms stay 1, biases 0
+                parameter.normal_(0.0, 0.02)
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "bench_shape.json").write_text(json.dumps(asdict(shape), indent=1))
+    (staging / "COMPLETE").write_text("ok\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    parameters = sum(p.numel() for p in model.parameters())
+    _log(f"built {shape.name}: {parameters / 1e9:.3f}B parameters in {time.perf_counter() - started:.1f} s")
+    return {"parameters": parameters, "build_device": device}
+
+
+# --------------------------------------------------------------------------------------
+# train / bisect
+# --------------------------------------------------------------------------------------
+
+
+def drop_qkv_bias(model: Any) -> int:
+    """Set every q/k/v projection's bias to None (the ``bound`` run); return how many were dropped."""
+    import torch
+
+    dropped = 0
+    for module in model.modules():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            projection = getattr(module, name, None)
+            if isinstance(projection, torch.nn.Module) and getattr(projection, "bias", None) is not None:
+                projection.bias = None
+                dropped += 1
+    return dropped
+
+
+def qkv_forward(model: Any) -> dict[str, int]:
+    """How many attention layers use which QKV function (Unsloth sets ``apply_qkv``; HF has none)."""
+    names: Counter[str] = Counter()
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "k_proj") and hasattr(module, "o_proj"):
+            function = getattr(module, "apply_qkv", None)
+            names[getattr(function, "__name__", "none") if function is not None else "none"] += 1
+    return dict(names)
+
+
+def _step(model: Any, optimizer: Any, ids: Any) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())  # also waits for the step to finish
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    # Some kernels report it as a plain RuntimeError.
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from unsloth_qwen_compat import bench
+    from unsloth_qwen_compat.loading import attach_lora, count_trainable_parameters, load_base_model
+
+    shape = bench.SHAPES[spec["shape"]]
+    cuda = torch.cuda.is_available()
+    result: dict[str, Any] = {
+        "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        result.update(gpu_free_gib_at_start=free / bench.GIB, gpu_total_gib=total / bench.GIB)
+    config = bench.loader_config(spec)
+    started = time.perf_counter()
+    model, _ = load_base_model(config)
+    result["dropped_qkv_biases"] = drop_qkv_bias(model) if spec["drop_qkv_bias"] else 0
+    model = attach_lora(model, config)
+    model.train()  # a model left in eval mode skips gradient checkpointing
+    result["load_seconds"] = time.perf_counter() - started
+    result["trainable_params"] = count_trainable_parameters(model)
+    result["apply_qkv"] = qkv_forward(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=bench.LEARNING_RATE)
+    device = model.get_input_embeddings().weight.device
+    generator = torch.Generator().manual_seed(spec["seed"])
+
+    def random_ids(length: int) -> Any:
+        ids = torch.randint(0, shape.vocab_size, (spec["batch"], length), generator=generator)
+        return ids.to(device)
+
+    if spec["mode"] == "bisect":
+        result.update(_bisect(spec, model, optimizer, random_ids, cuda))
+    else:
+        result.update(_timed_steps(spec, model, optimizer, random_ids, cuda))
+    return result
+
+
+def _timed_steps(
+    spec: dict[str, Any], model: Any, optimizer: Any, random_ids: Any, cuda: bool
+) -> dict[str, Any]:
+    import torch
+
+    from unsloth_qwen_compat import bench
+
+    seconds, losses = [], []
+    for step in range(spec["warmup"] + spec["steps"]):
+        if step == spec["warmup"] and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps only
+        ids = random_ids(spec["seq_len"])
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss = _step(model, optimizer, ids)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+        losses.append(loss)
+        _log(
+            f"step {step} {'warm-up' if step < spec['warmup'] else 'timed'}: {seconds[-1]:.4f} s, loss {loss:.4f}"
+        )
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at step {step}")
+    timed = seconds[spec["warmup"] :]
+    median = statistics.median(timed)
+    tokens = spec["batch"] * spec["seq_len"]
+    return {
+        "step_seconds": timed,
+        "warmup_seconds": seconds[: spec["warmup"]],
+        "losses": losses,
+        "median_step_s": median,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / median,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / bench.GIB if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / bench.GIB if cuda else None,
+    }
+
+
+def _bisect(spec: dict[str, Any], model: Any, optimizer: Any, random_ids: Any, cuda: bool) -> dict[str, Any]:
+    import torch
+
+    from unsloth_qwen_compat import bench
+
+    probes: list[dict[str, Any]] = []
+
+    def fits(length: int) -> bool:
+        ids = random_ids(length)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        error = None
+        try:
+            _step(model, optimizer, ids)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            error = error_line(exc)  # the exception (and the frames it holds) is freed after this block
+        del ids
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / bench.GIB
+            torch.cuda.empty_cache()
+        else:
+            peak = None
+        probe = {
+            "seq_len": length,
+            "fits": error is None,
+            "seconds": time.perf_counter() - started,
+            "tokens": spec["batch"] * length,
+            "peak_allocated_gib": peak,
+            "error": error,
+        }
+        probes.append(probe)
+        _log(f"probe {length}: {'trained' if error is None else 'out of memory'} in {probe['seconds']:.1f} s")
+        return error is None
+
+    bounds = spec["bisect"]
+    longest = bench.longest_fitting(fits, bounds["low"], bounds["high"], bounds["step"])
+    return {"longest": longest, "probes": probes}
+
+
+# --------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    # First: on the Unsloth paths this imports Unsloth before transformers (hidden on hf).
+    import unsloth_qwen_compat
+
+    report = unsloth_qwen_compat.status()
+    verdicts = {p["name"]: p["verdict"] for p in report["patches"]}
+    disabled = all(v == "disabled" for v in verdicts.values())
+    if spec["path"] == "unsloth" and not disabled:
+        raise RuntimeError(
+            "the stock Unsloth path runs with UNSLOTH_QWEN_COMPAT_DISABLE=1, but the shim is active"
+        )
+    if spec["path"] == "shim" and disabled:
+        raise RuntimeError("the shim path found the shim disabled (UNSLOTH_QWEN_COMPAT_DISABLE is set)")
+    result = prepare(spec) if spec["mode"] == "prepare" else train(spec)
+    result["patches"] = {p["name"]: p["action"] for p in report["patches"]}
+    result["unsloth_mode"] = report["environment"]["unsloth_mode"]
+    if spec["path"] == "hf":
+        imported = [name for name in HIDDEN if name in sys.modules]
+        assert not imported, f"the hf path imported {', '.join(imported)}"
+    result["unsloth_imported"] = "unsloth" in sys.modules
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    if spec["path"] == "hf":
+        hide_unsloth()
+    started = time.perf_counter()
+    try:
+        result = {**run(spec), "status": "ok"}
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"status": "failed", "error": error_line(exc)}
+    result["worker_seconds"] = time.perf_counter() - started
+    Path(spec["result"]).write_text(json.dumps(result, indent=1, default=str))
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
