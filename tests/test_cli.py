@@ -7,6 +7,7 @@ from .conftest import HIDE_UNSLOTH, REPO, requires_unsloth, run_python
 SLOTS = (
     "qwen3_registration",
     "rope_scaling",
+    "sdpa_causal_fallback",
     "lora_target_maps",
     "chat_templates",
     "kv_cache_left_padding",

@@ -11,6 +11,7 @@ from .conftest import HIDE_UNSLOTH, child_status, requires_unsloth, run_python
 PATCH_SLOTS = {
     "qwen3_registration",
     "rope_scaling",
+    "sdpa_causal_fallback",
     "lora_target_maps",
     "chat_templates",
     "kv_cache_left_padding",
@@ -96,6 +97,7 @@ def test_allow_cpu_revert_puts_back_the_same_objects() -> None:
         assert verdicts == {
             "qwen3_registration": "native",
             "rope_scaling": "needed",
+            "sdpa_causal_fallback": "native",
             "lora_target_maps": "needed",
             "chat_templates": "native",
             "kv_cache_left_padding": "native",

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unsloth_qwen_compat import UnsupportedConfigurationError
 from unsloth_qwen_compat.patches import qwen3_registration as reg
 
 from .conftest import requires_unsloth, run_python, tiny_qwen_config
@@ -167,8 +168,10 @@ def test_dispatch_sends_only_qwen3_to_the_registered_class(tmp_path) -> None:
     # Paths this release keeps on upstream's generic code, and one it cannot serve:
     assert wrapper(qwen3, load_in_8bit=True) == ("stock", qwen3)
     assert wrapper(qwen3, full_finetuning=True) == ("stock", qwen3)
-    with pytest.raises(NotImplementedError, match="fast_inference=False"):
+    with pytest.raises(UnsupportedConfigurationError, match="fast_inference=False"):
         wrapper(qwen3, fast_inference=True)
+    with pytest.raises(UnsupportedConfigurationError, match="use_unsloth: false"):
+        wrapper(_save_tiny(tmp_path, "qwen3_moe"))
     assert wrapper(str(tmp_path / "no-such-model")) == ("stock", str(tmp_path / "no-such-model"))
 
 
@@ -208,3 +211,20 @@ def test_probe_is_native_where_unsloth_has_fast_qwen3() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["entry"]["verdict"] == "native", result
     assert result["entry"]["action"] == "skipped" and result["owned"] is False
+
+
+def test_an_adapter_directory_resolves_to_its_qwen3_base(tmp_path) -> None:
+    import inspect
+
+    from peft import LoraConfig
+
+    base = _save_tiny(tmp_path, "qwen3")
+    adapter = tmp_path / "adapter"
+    LoraConfig(r=8, target_modules=["q_proj"], base_model_name_or_path=base).save_pretrained(adapter)
+    bound = inspect.signature(_stock_from_pretrained).bind(str(adapter))
+    bound.apply_defaults()
+    assert reg._resolve(bound, _StandInLoader()) == ("qwen3", base, str(adapter))
+    bound = inspect.signature(_stock_from_pretrained).bind(base)
+    bound.apply_defaults()
+    assert reg._resolve(bound, _StandInLoader()) == ("qwen3", base, None)
+    assert reg._tokenizer_source(str(adapter)) is None  # no tokenizer files: the base's is used

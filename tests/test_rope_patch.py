@@ -225,3 +225,27 @@ def test_old_from_pretrained_refuses_yarn_past_its_own_window(tmp_path) -> None:
     # A caller's explicit rope_scaling is theirs: passed through untouched.
     wrapped(str(tmp_path), max_seq_length=2048, rope_scaling={"type": "linear", "factor": 8.0})
     assert calls[-1]["rope_scaling"] == {"type": "linear", "factor": 8.0}
+
+
+@pytest.mark.parametrize("layout", ["per-device lists (2025.4+)", "plain buffers (2025.3)"])
+def test_cache_is_stored_where_each_unsloth_reads_it(layout) -> None:
+    import torch
+
+    from unsloth_qwen_compat.patches.rope_scaling import _cache_from_config, rope_cos_sin, scaled_inv_freq
+
+    class StandInRotary(torch.nn.Module):  # stand-in for Unsloth's LlamaRotaryEmbedding
+        def __init__(self) -> None:
+            super().__init__()
+            if layout.startswith("per-device"):
+                self.multi_gpu_cos_cached, self.multi_gpu_sin_cached = [None], [None]
+
+    rotary = StandInRotary()
+    config = _qwen3_config(SCALINGS["yarn"])
+    object.__setattr__(rotary, "_compat_rope_config", config)
+    _cache_from_config(lambda *a: pytest.fail("upstream table built"))(
+        rotary, 48, torch.device("cpu", 0), torch.float32
+    )
+    expected, _ = rope_cos_sin(*scaled_inv_freq(config), 48)
+    stored = rotary.multi_gpu_cos_cached[0] if layout.startswith("per-device") else rotary.cos_cached
+    torch.testing.assert_close(stored, expected)
+    assert rotary.current_rope_size == 48

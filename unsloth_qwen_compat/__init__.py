@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _env
 from ._matrix import LEGS, matching_leg, newest_tested_unsloth
-from ._registry import Action, LedgerEntry, PatchError, Shim, Verdict
+from ._registry import Action, LedgerEntry, PatchError, Shim, UnsupportedConfigurationError, Verdict
 from ._version import __version__
 from .patches import all_patches
 
@@ -186,6 +186,7 @@ __all__ = [
     "Action",
     "LedgerEntry",
     "PatchError",
+    "UnsupportedConfigurationError",
     "UnslothQwenCompatWarning",
     "Verdict",
     "__version__",

@@ -67,6 +67,7 @@ LEGS: tuple[Leg, ...] = (
         expected_needs=(
             "qwen3_registration",
             "rope_scaling",
+            "sdpa_causal_fallback",
             "lora_target_maps",
             "chat_templates",
             "kv_cache_left_padding",

@@ -59,6 +59,14 @@ class PatchError(RuntimeError):
     """A patch could not be applied; nothing it touched stays changed."""
 
 
+class UnsupportedConfigurationError(NotImplementedError):
+    """The installed Unsloth cannot train this configuration right, so the shim refuses it.
+
+    Raised instead of letting upstream train wrong or fail obscurely; the message says
+    what to do instead (another path, setting or Unsloth version).
+    """
+
+
 _MISSING = object()
 
 

@@ -9,6 +9,7 @@ from .lora_target_maps import LoraTargetMaps
 from .qwen2_fused_qkv_bias import Qwen2FusedQkvBias
 from .qwen3_registration import Qwen3Registration
 from .rope_scaling import RopeScaling
+from .sdpa_causal_fallback import SdpaCausalFallback
 
 
 def all_patches() -> list[Patch]:
@@ -16,6 +17,7 @@ def all_patches() -> list[Patch]:
     return [
         Qwen3Registration(),
         RopeScaling(),
+        SdpaCausalFallback(),
         LoraTargetMaps(),
         ChatTemplates(),
         KvCacheLeftPadding(),

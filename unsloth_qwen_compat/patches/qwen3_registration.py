@@ -18,8 +18,10 @@ per-head norms put where Qwen3 has them:
 
 As with every Unsloth model class, loading a model patches the transformers Qwen3
 classes in place; ``revert()`` restores Unsloth's entry points, not classes a load has
-already patched. vLLM fast inference, 8-bit loading and full fine-tuning of Qwen3 stay on
-upstream's generic path.
+already patched. 8-bit loading and full fine-tuning of Qwen3 stay on upstream's generic
+path; vLLM fast inference of Qwen3, and Qwen3-MoE on such an Unsloth (no MoE support; its
+generic path fails on current torch), are refused with an UnsupportedConfigurationError
+that says what to do instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ import weakref
 from typing import Any
 
 from .._env import Environment
-from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
+from .._registry import (
+    AttributeSwaps,
+    Patch,
+    ProbeResult,
+    UnsupportedConfigurationError,
+    native,
+    needed,
+    unsupported,
+)
 from ._common import Unavailable, unsloth_module
 
 #: Unsloth's Llama building blocks the Qwen3 path is made of; all are in 2024.x–2025.3.x.
@@ -157,23 +167,34 @@ def _fast_qwen3_model(llama: types.ModuleType) -> type:
     return FastQwen3Model
 
 
-def _is_qwen3(model_name: str, bound: inspect.BoundArguments, loader: types.ModuleType) -> bool:
+def _resolve(bound: inspect.BoundArguments, loader: types.ModuleType) -> tuple[str | None, str, str | None]:
+    """(model_type, base model name, adapter name or None) of a from_pretrained call.
+
+    A LoRA adapter directory or repo is resolved to its base model, as upstream does.
+    ``model_type`` is None where the name cannot be read: upstream's own errors apply.
+    """
     from transformers import AutoConfig
 
     args = bound.arguments
-    name = model_name
+    name = args["model_name"]
     if not args.get("use_exact_model_name", False) and hasattr(loader, "get_model_name"):
-        name = loader.get_model_name(model_name, args.get("load_in_4bit", True))
+        name = loader.get_model_name(name, args.get("load_in_4bit", True))
+    common = {"token": args.get("token"), "revision": args.get("revision")}
+    adapter = None
+    try:
+        from peft import PeftConfig
+
+        base = PeftConfig.from_pretrained(name, **common).base_model_name_or_path
+        adapter, name = name, base
+    except Exception:
+        pass  # not an adapter: a base model (or nothing readable)
     try:
         config = AutoConfig.from_pretrained(
-            name,
-            token=args.get("token"),
-            revision=args.get("revision"),
-            trust_remote_code=args.get("trust_remote_code", False),
+            name, trust_remote_code=args.get("trust_remote_code", False), **common
         )
     except Exception:
-        return False  # an adapter repo or an unreachable name: upstream's own errors apply
-    return getattr(config, "model_type", None) == "qwen3"
+        return None, name, adapter
+    return getattr(config, "model_type", None), name, adapter
 
 
 def _dispatching_qwen3(from_pretrained: Any, fast_qwen3: type, loader: types.ModuleType) -> Any:
@@ -184,19 +205,24 @@ def _dispatching_qwen3(from_pretrained: Any, fast_qwen3: type, loader: types.Mod
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        if a.get("load_in_8bit") or a.get("full_finetuning") or not _is_qwen3(a["model_name"], bound, loader):
+        model_type, base_name, adapter = _resolve(bound, loader)
+        if model_type == "qwen3_moe" and not hasattr(loader, "FastQwen3MoeModel"):
+            raise UnsupportedConfigurationError(
+                "unsloth_qwen_compat: this Unsloth has no Qwen3-MoE support (its generic path is "
+                "untested for Qwen3-MoE, and on torch >= 2.9 it fails while patching compiled "
+                "autograd). Load Qwen3-MoE on the HF path (loader config use_unsloth: false), or "
+                "use Unsloth 2025.10 or later."
+            )
+        if model_type != "qwen3" or a.get("load_in_8bit") or a.get("full_finetuning"):
             return from_pretrained(*args, **kwargs)
         if a.get("fast_inference"):
-            raise NotImplementedError(
+            raise UnsupportedConfigurationError(
                 "unsloth_qwen_compat: this Unsloth has no vLLM fast inference for Qwen3; "
                 "load with fast_inference=False, or upgrade Unsloth to 2025.4.2 or later."
             )
-        model_name = a["model_name"]
-        if not a.get("use_exact_model_name", False) and hasattr(loader, "get_model_name"):
-            model_name = loader.get_model_name(model_name, a["load_in_4bit"])
         extra = dict(a.get("kwargs") or {})
         model, tokenizer = fast_qwen3.from_pretrained(
-            model_name=model_name,
+            model_name=base_name,
             max_seq_length=a["max_seq_length"],
             dtype=loader._get_dtype(a["dtype"]),
             load_in_4bit=a["load_in_4bit"],
@@ -204,9 +230,9 @@ def _dispatching_qwen3(from_pretrained: Any, fast_qwen3: type, loader: types.Mod
             device_map=a["device_map"],
             rope_scaling=a["rope_scaling"],
             fix_tokenizer=a["fix_tokenizer"],
-            tokenizer_name=None,
+            tokenizer_name=_tokenizer_source(adapter),
             trust_remote_code=a["trust_remote_code"],
-            revision=a.get("revision"),
+            revision=None if adapter else a.get("revision"),
             **extra,
         )
         # What FastLanguageModel.from_pretrained does after its own dispatch.
@@ -217,10 +243,29 @@ def _dispatching_qwen3(from_pretrained: Any, fast_qwen3: type, loader: types.Mod
                 tagged.add_model_tags(["unsloth"])
         if a["load_in_4bit"]:
             _record_bnb_config(model)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(
+                model, adapter, token=a["token"], revision=a.get("revision"), is_trainable=True
+            )
+            model = fast_qwen3.patch_peft_model(model, a.get("use_gradient_checkpointing", True))
         return model, tokenizer
 
     setattr(wrapper, _SHIM_OWNED, True)
     return wrapper
+
+
+def _tokenizer_source(adapter: str | None) -> str | None:
+    """The adapter directory when it carries its own tokenizer (upstream's rule), else the base's."""
+    import os
+
+    if adapter and all(
+        os.path.exists(os.path.join(adapter, f))
+        for f in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+    ):
+        return adapter
+    return None
 
 
 def _record_bnb_config(model: Any) -> None:

@@ -165,8 +165,12 @@ def _cache_from_config(original: Callable[..., Any]) -> Callable[..., Any]:
         cos, sin = rope_cos_sin(*tables, seq_len)
         cos = cos.to(dtype=dtype, device=device, non_blocking=True)
         sin = sin.to(dtype=dtype, device=device, non_blocking=True)
-        self.multi_gpu_cos_cached[device.index] = cos
-        self.multi_gpu_sin_cached[device.index] = sin
+        if hasattr(self, "multi_gpu_cos_cached"):  # 2025.4+: one cache per device
+            self.multi_gpu_cos_cached[device.index] = cos
+            self.multi_gpu_sin_cached[device.index] = sin
+        else:  # 2025.3 and older: plain buffers, as upstream's own method registers them
+            self.register_buffer("cos_cached", cos, persistent=False)
+            self.register_buffer("sin_cached", sin, persistent=False)
         return cos, sin
 
     return _set_cos_sin_cache
