@@ -42,6 +42,7 @@ FAMILIES = {
     "chat_template": "Qwen chat template rendering and token ids",
     "adapter": "LoRA adapter save and reload (candidate and HF PeftModel)",
     "lora_targets": "a target_modules name matching nothing is an error, not a smaller adapter",
+    "fused_qkv": "Qwen2's biased q/k/v run Unsloth's fused LoRA QKV kernel, with PEFT's gradients",
     "fast_path": "Qwen2 / Qwen3 load onto Unsloth's fast Llama kernels, not its generic path",
 }
 

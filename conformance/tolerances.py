@@ -46,6 +46,9 @@ BOUNDS: dict[str, dict[str, float]] = {
         "generic_path": 0,
         # LoRA trains adapters only: any gradient on a base weight is a bug, in any dtype.
         "base_weight_grads": 0,
+        # Layers whose q/k/v stay on PEFT's forward while stock fused the rest of the layer
+        # (test_fused_qkv.py): a count, 0 in every dtype. Stock Unsloth on Qwen2 measures all.
+        "unfused_qkv_layers": 0,
     },
     "bf16": {
         # bf16 unit roundoff is 2^-9 ~ 2e-3 per operation and both sides round at different
@@ -67,6 +70,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "typo_accepted": 0,
         "generic_path": 0,
         "base_weight_grads": 0,
+        "unfused_qkv_layers": 0,
     },
     "fp16": {
         # fp16 has 3 more mantissa bits than bf16 (unit roundoff 2^-12 ~ 2.4e-4), so rounding
@@ -82,6 +86,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "typo_accepted": 0,
         "generic_path": 0,
         "base_weight_grads": 0,
+        "unfused_qkv_layers": 0,
     },
     "nf4": {
         # Both sides quantize the same bf16 weights with bitsandbytes NF4 (blocksize 64,

@@ -36,7 +36,7 @@ def test_qwen3_template_is_registered_where_missing_and_renders_as_published() -
         import unsloth_qwen_compat as m
         from unsloth_qwen_compat.patches.chat_templates import published_template
         from tiny_qwen import build_tokenizer
-        entry = m.status()["patches"][3]
+        entry = next(p for p in m.status()["patches"] if p["name"] == "chat_templates")
         tokenizer = ct.get_chat_template(build_tokenizer(), chat_template="qwen3")
         conversation = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "<think>\\nok\\n</think>\\n\\nHello!"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import os
 from collections.abc import Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ class Action(str, enum.Enum):
     APPLIED = "applied"
     SKIPPED = "skipped"  # verdict says there is nothing to do
     NOT_IMPLEMENTED = "not implemented"  # needed, but this release has no patch body yet
+    OPT_IN = "opt-in"  # needed, written, but off unless its environment variable is set
     FAILED = "failed"  # apply raised; everything it had changed was restored
     REVERTED = "reverted"
 
@@ -127,6 +129,9 @@ class Patch(abc.ABC):
     implemented: ClassVar[bool] = True
     #: True for a patch that only makes training faster: leaving it unapplied is not warned about.
     speed_only: ClassVar[bool] = False
+    #: An environment variable that must be "1" for the patch to apply (None: on by default).
+    #: For a patch whose benefit is not measured yet: it stays out unless asked for.
+    opt_in_env: ClassVar[str | None] = None
     #: Conformance case names (prefixes) that measure this defect, for upstream reports.
     conformance_cases: ClassVar[tuple[str, ...]] = ()
     #: A minimal reproduction, as Python, for an upstream issue.
@@ -206,6 +211,10 @@ class Shim:
             if not (patch.implemented and entry.fixable):
                 entry.action = Action.NOT_IMPLEMENTED
                 entry.detail = "needed, not implemented yet"
+                continue
+            if patch.opt_in_env and os.environ.get(patch.opt_in_env, "") != "1":
+                entry.action = Action.OPT_IN
+                entry.detail = f"off by default: set {patch.opt_in_env}=1 to apply"
                 continue
             swaps = AttributeSwaps()
             try:

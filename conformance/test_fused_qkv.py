@@ -1,0 +1,165 @@
+"""Qwen2's biased q/k/v on Unsloth's fused LoRA QKV kernel (shim patch ``qwen2_fused_qkv_bias``).
+
+Stock Unsloth installs its fused LoRA QKV kernel only on bias-free q/k/v, so every Qwen2
+layer trains attention LoRA on PEFT's forward (a speed loss, not a wrong result). Each
+case checks two things:
+
+- engagement: every layer where stock fused the bias-free projections of the same layer
+  (``apply_o``: proof that stock's dropout / LoRA-bias / dtype / FSDP conditions hold)
+  runs q/k/v through a fused function too: upstream's ``apply_lora_qkv`` (a release that
+  fuses biased q/k/v itself) or the shim's ``apply_lora_qkv_with_bias``. Stock fails this
+  by design (``unfused_qkv_layers`` = number of layers), which is how the report shows
+  stock vs shim. Where stock fuses nothing at all (2026.x keeps fp32 bases on PEFT's
+  forward) there is nothing to engage and the case is skipped, saying so.
+- numerics: the fused path computes what PEFT does. ``test_fused_qkv_vs_hf`` compares
+  loss and every LoRA gradient with the HF + PEFT oracle (as test_lora.py does, same
+  request) in ``CONFORMANCE_DTYPE``; ``test_fused_qkv_vs_peft_path`` trains the same
+  Unsloth model with bf16 compute, unquantized and NF4 4-bit, once fused and once with
+  q/k/v put back on PEFT's forward (stock's path for Qwen2), and compares the two.
+"""
+
+import pytest
+import torch
+
+from conformance import candidate, plan, tolerances, zoo
+
+pytestmark = pytest.mark.fused_qkv
+
+QWEN2 = [spec for spec in zoo.ZOO if spec.family == "qwen2"]
+
+
+def _llama():
+    from unsloth.models import llama
+
+    return llama
+
+
+def _shim_function():
+    try:
+        from unsloth_qwen_compat.patches.qwen2_fused_qkv_bias import apply_lora_qkv_with_bias
+    except ImportError:  # the shim is not installed: stock Unsloth
+        return None
+    return apply_lora_qkv_with_bias
+
+
+def _attention_modules(model) -> list:
+    return [layer.self_attn for layer in model.base_model.model.model.layers]
+
+
+def _engagement(model) -> tuple[int, int, list[str]]:
+    """(eligible layers, eligible layers whose q/k/v are not fused, their apply_qkv names)."""
+    llama = _llama()
+    fused = {f for f in (getattr(llama, "apply_lora_qkv", None), _shim_function()) if f is not None}
+    apply_lora_o = getattr(llama, "apply_lora_o", None)
+    eligible = [a for a in _attention_modules(model) if getattr(a, "apply_o", None) is apply_lora_o]
+    unfused = [a for a in eligible if getattr(a, "apply_qkv", None) not in fused]
+    names = [getattr(getattr(a, "apply_qkv", None), "__name__", "none") for a in unfused]
+    return len(eligible), len(unfused), names
+
+
+def _ledger_entry() -> str:
+    status = candidate.shim_state().get("status")
+    if not isinstance(status, dict):
+        return "shim not installed"
+    for entry in status.get("patches", []):
+        if entry["name"] == "qwen2_fused_qkv_bias":
+            return f"{entry['verdict']}/{entry['action']} ({entry.get('detail', '')})"
+    return "no qwen2_fused_qkv_bias entry"
+
+
+def _skip_in_cpu_fallback() -> None:
+    if candidate.mode() == "cpu-fallback":
+        pytest.skip("Unsloth runs its CPU fallback (stock transformers): no fused kernels to engage")
+
+
+def _skip_unless_fused_kernels(model, spec, dtype) -> int:
+    eligible, _, _ = _engagement(model)
+    if eligible == 0:
+        pytest.skip(
+            f"{spec} {dtype}: stock Unsloth fuses no LoRA kernel for this model (2026.x keeps fp32 bases "
+            "on PEFT's forward), so there is no fused path to engage; the bf16 / nf4 cases cover it"
+        )
+    return eligible
+
+
+def _loss_and_grads(model, ids) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {candidate.layer_key(n): p.grad for n, p in model.named_parameters() if "lora_" in n}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("spec", QWEN2, ids=str)
+def test_fused_qkv_vs_hf(spec, settings, oracle, record):
+    _skip_in_cpu_fallback()
+    reference = oracle.get(plan.lora(spec, settings.dtype, settings.device))
+    model, _ = candidate.load(spec, spec.max_position_embeddings, settings.dtype)
+    model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
+    eligible = _skip_unless_fused_kernels(model, spec, settings.dtype)
+    candidate.load_adapter_tensors(model, reference["adapter_dir"])
+    candidate.training_mode(model)
+    _, unfused, names = _engagement(model)
+
+    loss, grads = _loss_and_grads(model, reference["input_ids"].to(candidate.device_of(model)))
+    missing = sorted(k for k, g in grads.items() if g is None)
+    assert not missing, f"{spec}: LoRA parameters without gradient: {missing[:8]}"
+    expected = {candidate.layer_key(n): g for n, g in reference["grads"].items()}
+    errors = {k: tolerances.rel_error(grads[k], expected[k]) for k in expected}
+    worst = max(errors, key=errors.get)
+    tolerances.check(
+        record,
+        [
+            ("unfused_qkv_layers", "unfused_qkv_layers", unfused),
+            ("loss_rel", "lora_loss_rel", abs(loss - reference["loss"]) / abs(reference["loss"])),
+            ("max_grad_rel", "lora_grad_rel", errors[worst]),
+        ],
+        settings.dtype,
+        detail=f"{spec}: {unfused} of {eligible} layers keep q/k/v on {sorted(set(names))} (stock fused their "
+        f"o_proj); worst gradient {worst}; shim {_ledger_entry()}",
+    )
+
+
+@pytest.mark.parametrize("base", ["bf16", "nf4"])
+@pytest.mark.parametrize("spec", QWEN2, ids=str)
+def test_fused_qkv_vs_peft_path(spec, base, settings, oracle, record):
+    if not settings.on_gpu:
+        pytest.skip("Unsloth's fused kernels (and bitsandbytes 4-bit) need a CUDA GPU; this run is on CPU")
+    # The oracle's adapter (non-zero B) and inputs; its fp32 numbers are not compared here.
+    reference = oracle.get(plan.lora(spec, settings.dtype, settings.device))
+    model, _ = candidate.load(spec, spec.max_position_embeddings, "bf16", load_in_4bit=base == "nf4")
+    model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
+    eligible = _skip_unless_fused_kernels(model, spec, base)
+    candidate.load_adapter_tensors(model, reference["adapter_dir"])
+    candidate.training_mode(model)
+    _, unfused, names = _engagement(model)
+    ids = reference["input_ids"].to(candidate.device_of(model))
+
+    fused_loss, fused_grads = _loss_and_grads(model, ids)
+    fused_grads = {k: g.detach().clone() for k, g in fused_grads.items() if g is not None}
+    # Stock's path for Qwen2: every layer's q/k/v through PEFT's own forward.
+    attention = _attention_modules(model)
+    installed = [a.apply_qkv for a in attention]
+    for module in attention:
+        module.apply_qkv = _llama().original_apply_qkv
+    try:
+        peft_loss, peft_grads = _loss_and_grads(model, ids)
+    finally:
+        for module, function in zip(attention, installed):
+            module.apply_qkv = function
+    assert set(fused_grads) == {k for k, g in peft_grads.items() if g is not None}
+    errors = {k: tolerances.rel_error(fused_grads[k], peft_grads[k]) for k in peft_grads}
+    worst = max(errors, key=errors.get)
+    tolerances.check(
+        record,
+        [
+            ("unfused_qkv_layers", "unfused_qkv_layers", unfused),
+            ("loss_rel_vs_peft_path", "lora_loss_rel", abs(fused_loss - peft_loss) / abs(peft_loss)),
+            ("max_grad_rel_vs_peft_path", "lora_grad_rel", errors[worst]),
+        ],
+        "bf16",
+        detail=f"{spec} {base}: {unfused} of {eligible} layers keep q/k/v on {sorted(set(names))}; worst "
+        f"gradient {worst}; shim {_ledger_entry()}",
+    )
+    del model
+    torch.cuda.empty_cache()
