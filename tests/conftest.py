@@ -66,6 +66,19 @@ def child_status(prelude: str = "", env: dict[str, str] | None = None) -> dict[s
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"_stderr": done.stderr}
 
 
+#: Every patch slot, in the order the shim probes them: written out here (not read from the
+#: package) so that adding or dropping a patch is a visible test change.
+PATCH_SLOTS = (
+    "qwen3_registration",
+    "rope_scaling",
+    "sdpa_causal_fallback",
+    "lora_target_maps",
+    "chat_templates",
+    "kv_cache_left_padding",
+    "qwen2_fused_qkv_bias",
+)
+
+
 #: A Qwen config small enough to build in milliseconds on CPU.
 TINY_QWEN = dict(
     hidden_size=32,

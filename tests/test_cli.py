@@ -2,17 +2,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import HIDE_UNSLOTH, REPO, requires_unsloth, run_python
-
-SLOTS = (
-    "qwen3_registration",
-    "rope_scaling",
-    "sdpa_causal_fallback",
-    "lora_target_maps",
-    "chat_templates",
-    "kv_cache_left_padding",
-    "qwen2_fused_qkv_bias",
-)
+from .conftest import HIDE_UNSLOTH, PATCH_SLOTS, REPO, requires_unsloth, run_python
 
 
 def _cli(*args: str, prelude: str = "", env: dict[str, str] | None = None):
@@ -24,7 +14,7 @@ def _cli(*args: str, prelude: str = "", env: dict[str, str] | None = None):
 def test_status_prints_every_slot_and_a_verdict() -> None:
     done = run_python("", args=["-m", "unsloth_qwen_compat", "status"])
     assert done.returncode == 0, done.stderr[-2000:]
-    for slot in SLOTS:
+    for slot in PATCH_SLOTS:
         assert slot in done.stdout
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("verdict: ")
@@ -36,7 +26,7 @@ def test_status_json_holds_only_json_on_stdout() -> None:
     done = run_python("", args=["-m", "unsloth_qwen_compat", "status", "--json"])
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)  # the whole of stdout must parse
-    assert {p["name"] for p in report["patches"]} == set(SLOTS)
+    assert {p["name"] for p in report["patches"]} == set(PATCH_SLOTS)
     assert all(p["verdict"] in ("needed", "native", "unsupported", "disabled") for p in report["patches"])
     assert report["verdict"]
 
