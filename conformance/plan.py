@@ -118,7 +118,7 @@ def for_family(
     """The requests a case family can know before the candidate runs (batched per session)."""
     if family in ("forward", "rope"):
         return [forward(spec, dtype, device)]
-    if family in ("lora", "adapter"):
+    if family in ("lora", "adapter", "fused_qkv"):
         return [lora(spec, dtype, device)]
     if family == "generate":
         return [generate(spec, dtype, device)]
