@@ -314,7 +314,12 @@ def _peft_patching_qwen3(patch_peft_model: Any) -> Any:
 class Qwen3Registration(Patch):
     name = "qwen3_registration"
     summary = "Qwen3 fast path (FastQwen3Model and its dispatch)"
-    conformance_cases = ("test_forward", "test_lora_gradients", "test_generate", "test_fast_path_taken")
+    conformance_cases = (
+        "test_forward_logits",
+        "test_lora_gradients",
+        "test_greedy_generate",
+        "test_fast_path_taken",
+    )
     reproduction = """\
 from unsloth import FastLanguageModel  # Unsloth before 2025.4.2
 model, _ = FastLanguageModel.from_pretrained("Qwen/Qwen3-0.6B", load_in_4bit=False)
