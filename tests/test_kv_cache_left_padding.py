@@ -310,8 +310,9 @@ def test_installed_unsloth_verdict() -> None:
 
 # -- Unsloth 2025.10.12 and 2025.3.19 ----------------------------------------------------
 
-#: Where the upstream sources were unpacked (a folder per version, or the wheel beside it).
-UPSTREAM_SRC = Path(os.environ.get("UNSLOTH_QWEN_COMPAT_UPSTREAM_SRC", "/work/src"))
+#: Where the upstream sources were unpacked (a folder per version, or the wheel beside it):
+#: ``pip download unsloth==VERSION --no-deps -d DIR`` (and unzip). Unset: those cases skip.
+UPSTREAM_SRC = Path(os.environ.get("UNSLOTH_QWEN_COMPAT_UPSTREAM_SRC", "") or "/nonexistent")
 
 
 def _upstream_llama_source(version: str) -> str:
@@ -322,7 +323,7 @@ def _upstream_llama_source(version: str) -> str:
     if wheel.is_file():
         with zipfile.ZipFile(wheel) as archive:
             return archive.read("unsloth/models/llama.py").decode()
-    pytest.skip(f"Unsloth {version}'s source is not under {UPSTREAM_SRC}")
+    pytest.skip(f"Unsloth {version}'s source not found: set UNSLOTH_QWEN_COMPAT_UPSTREAM_SRC to its folder")
 
 
 def _upstream_prepare(version: str):
@@ -363,10 +364,7 @@ def test_old_releases_drop_the_padding_and_the_wrapper_restores_it(version) -> N
 
 #: Unsloth 2025.10.12 + transformers 4.57.1 installed beside the CI venv:
 #: ``python`` and the folders to put on its path, os.pathsep-separated.
-LEG_2025_10 = os.environ.get(
-    "UNSLOTH_QWEN_COMPAT_LEG_2025_10",
-    os.pathsep.join(["/work/venv2510/bin/python", "/work/venv2510/leg", "/tmp/side2510"]),
-).split(os.pathsep)
+LEG_2025_10 = os.environ.get("UNSLOTH_QWEN_COMPAT_LEG_2025_10", "").split(os.pathsep)
 
 # Stand-in for a GPU (named as such): Unsloth 2025.10.12 refuses to import without one
 # and has no CPU mode; this makes torch report an H200 and mocks bitsandbytes, so the
