@@ -493,6 +493,11 @@ def test_worker_environment_per_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stock["PYTORCH_ALLOC_CONF"] == shim["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     assert stock["PYTHONPATH"].split(":")[0] == str(bench.PACKAGE_ROOT)
     assert bench.worker_env("hf", "cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    # The shim path measures the opt-in speed patch; stock and HF never get it.
+    monkeypatch.delenv("UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS", raising=False)
+    assert bench.worker_env("shim", "cuda")["UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"] == "1"
+    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in bench.worker_env("unsloth", "cuda")
+    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in bench.worker_env("hf", "cuda")
 
 
 def test_loader_config_differs_between_paths_only_in_use_unsloth() -> None:

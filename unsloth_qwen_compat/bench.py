@@ -8,7 +8,8 @@ host two paths):
   the worker checks it was never imported;
 - ``unsloth``: stock Unsloth (``UNSLOTH_QWEN_COMPAT_DISABLE=1``: the shim is imported but
   patches nothing);
-- ``shim``: Unsloth with the shim active.
+- ``shim``: Unsloth with the shim active, opt-in speed patches included (they are
+  opt-in until this bench has measured them).
 
 Both Unsloth paths and the HF path load through :mod:`unsloth_qwen_compat.loading`, so
 quantization (NF4, double quant, bf16 compute) and LoRA (r=16, alpha=16, dropout 0,
@@ -531,6 +532,14 @@ def worker_env(path: str, device: str) -> dict[str, str]:
         env["UNSLOTH_QWEN_COMPAT_DISABLE"] = "1"
     else:
         env.pop("UNSLOTH_QWEN_COMPAT_DISABLE", None)
+    if path == "shim":
+        # The bench is where opt-in speed patches get measured: the shim path runs them
+        # (an explicit "0" in the caller's environment still turns one off).
+        from .patches import all_patches
+
+        for patch in all_patches():
+            if patch.opt_in_env:
+                env.setdefault(patch.opt_in_env, "1")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
