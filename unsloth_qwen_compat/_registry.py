@@ -11,7 +11,7 @@ import abc
 import enum
 import logging
 import os
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -89,6 +89,12 @@ class AttributeSwaps:
         original = vars(owner).get(name, _MISSING) if hasattr(owner, "__dict__") else _MISSING
         setattr(owner, name, value)
         self._undo.append(("attr", owner, name, original))
+
+    def wrap_staticmethod(self, owner: type, name: str, wrap: Callable[[Any], Any]) -> None:
+        """Replace ``owner``'s own static method ``name`` by ``wrap(its function)``, still static."""
+        current = vars(owner)[name]
+        function = current.__func__ if isinstance(current, staticmethod) else current
+        self.set_attr(owner, name, staticmethod(wrap(function)))
 
     def set_item(self, mapping: MutableMapping[Any, Any], key: Any, value: Any) -> None:
         original = mapping.get(key, _MISSING)

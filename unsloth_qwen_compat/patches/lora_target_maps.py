@@ -61,7 +61,4 @@ model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "
 
     def install(self, swaps: AttributeSwaps, env: Environment) -> None:
         llama = unsloth_module(env, "unsloth.models.llama")
-        cls = llama.FastLlamaModel
-        current = cls.__dict__["get_peft_model"]
-        function = current.__func__ if isinstance(current, staticmethod) else current
-        swaps.set_attr(cls, "get_peft_model", staticmethod(_checking_target_modules(function)))
+        swaps.wrap_staticmethod(llama.FastLlamaModel, "get_peft_model", _checking_target_modules)

@@ -359,16 +359,9 @@ FastLanguageModel.get_peft_model(model, r=8)  # NotImplementedError: qwen3 is no
         loader = unsloth_module(env, "unsloth.models.loader")
         fast_qwen3 = _fast_qwen3_model(llama)
 
-        language_model = loader.FastLanguageModel
-        current = language_model.__dict__["from_pretrained"]
-        function = current.__func__ if isinstance(current, staticmethod) else current
-        swaps.set_attr(
-            language_model, "from_pretrained", staticmethod(_dispatching_qwen3(function, fast_qwen3, loader))
+        swaps.wrap_staticmethod(
+            loader.FastLanguageModel, "from_pretrained", lambda f: _dispatching_qwen3(f, fast_qwen3, loader)
         )
-
-        current = llama.FastLlamaModel.__dict__["patch_peft_model"]
-        function = current.__func__ if isinstance(current, staticmethod) else current
-        swaps.set_attr(llama.FastLlamaModel, "patch_peft_model", staticmethod(_peft_patching_qwen3(function)))
-
+        swaps.wrap_staticmethod(llama.FastLlamaModel, "patch_peft_model", _peft_patching_qwen3)
         swaps.set_attr(models, "FastQwen3Model", fast_qwen3)
         swaps.set_attr(loader, "FastQwen3Model", fast_qwen3)

@@ -320,8 +320,5 @@ model, _ = FastLanguageModel.from_pretrained("tiny-qwen3-yarn", max_seq_length=1
             swaps.set_attr(
                 rotary, "_set_cos_sin_cache", _cache_from_config(vars(rotary)["_set_cos_sin_cache"])
             )
-        fast = llama.FastLlamaModel
-        from_pretrained = vars(fast)["from_pretrained"]
-        function = from_pretrained.__func__ if isinstance(from_pretrained, staticmethod) else from_pretrained
-        if _swaps_for_linear_in_body(function):
-            swaps.set_attr(fast, "from_pretrained", staticmethod(_keeping_config_scaling(function)))
+        if _swaps_for_linear_in_body(llama.FastLlamaModel.from_pretrained):
+            swaps.wrap_staticmethod(llama.FastLlamaModel, "from_pretrained", _keeping_config_scaling)
