@@ -386,3 +386,29 @@ def test_fsdp_bookkeeping_sees_the_shims_layers(wiring) -> None:
     assert wiring["fsdp2_lists_them"]
     assert wiring["after_fsdp_decline"] == ["peft", "peft"]
     assert wiring["declined"] >= 2
+
+
+@requires_unsloth
+def test_applies_on_top_of_another_patches_wrapper() -> None:
+    # On 2025.3 qwen3_registration wraps patch_peft_model first; this patch must still read
+    # stock's gate (through __wrapped__) and wrap the wrapper, not step aside.
+    done = run_python(
+        """
+        import functools, json
+        import unsloth.models.llama as llama
+        stock = llama.FastLlamaModel.patch_peft_model
+        @functools.wraps(stock)
+        def other_patch(*args, **kwargs):
+            return stock(*args, **kwargs)
+        other_patch.__unsloth_qwen_compat__ = True
+        llama.FastLlamaModel.patch_peft_model = staticmethod(other_patch)
+        import unsloth_qwen_compat as shim
+        entry = {p["name"]: p for p in shim.status()["patches"]}["qwen2_fused_qkv_bias"]
+        top = llama.FastLlamaModel.patch_peft_model
+        print(json.dumps({"action": entry["action"], "wraps_other": top.__wrapped__ is other_patch}))
+        """,
+        env={"UNSLOTH_ALLOW_CPU": "1", "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"action": "applied", "wraps_other": True}, out

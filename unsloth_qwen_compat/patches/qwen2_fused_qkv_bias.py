@@ -61,6 +61,7 @@ from ._common import Unavailable, code_mentions, unsloth_module
 logger = logging.getLogger("unsloth_qwen_compat")
 
 _SHIM_OWNED = "__unsloth_qwen_compat__"
+_PATCH_NAME = "qwen2_fused_qkv_bias"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 #: Locals of stock's per-layer gate this patch supplies: the layer's three projections.
@@ -373,7 +374,7 @@ def apply_lora_qkv_with_bias(self: Any, X: Any, inplace: bool = True) -> tuple[A
     return _plus_base_bias(Q, self.q_proj), _plus_base_bias(K, self.k_proj), _plus_base_bias(V, self.v_proj)
 
 
-setattr(apply_lora_qkv_with_bias, _SHIM_OWNED, "qwen2_fused_qkv_bias")
+setattr(apply_lora_qkv_with_bias, _SHIM_OWNED, _PATCH_NAME)
 
 
 # -- choosing the layers ---------------------------------------------------------------------
@@ -455,7 +456,7 @@ def _fusing_biased_qkv(
         report(len(chosen), len(_decoder_layers(model)), why)
         return model
 
-    setattr(wrapper, _SHIM_OWNED, True)
+    setattr(wrapper, _SHIM_OWNED, _PATCH_NAME)
     return wrapper
 
 
@@ -562,8 +563,10 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
         patch_peft_model = getattr(getattr(llama, "FastLlamaModel", None), "patch_peft_model", None)
         if patch_peft_model is None:
             return unsupported("FastLlamaModel.patch_peft_model not found: layout changed upstream")
-        if getattr(patch_peft_model, _SHIM_OWNED, False):
+        if getattr(patch_peft_model, _SHIM_OWNED, None) == _PATCH_NAME:
             return needed("already patched in this process")
+        # Other patches (qwen3_registration) may wrap it too: the gate is in stock's own code.
+        stock = inspect.unwrap(patch_peft_model)
         missing = _missing(llama, ("apply_lora_qkv", "original_apply_qkv", "LlamaAttention_fast_forward"))
         if missing:
             return unsupported(f"unsloth.models.llama has no {', '.join(missing)}: layout changed upstream")
@@ -579,8 +582,14 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
         pre_patch = getattr(getattr(qwen2, "FastQwen2Model", None), "pre_patch", None)
         if pre_patch is None or not code_mentions(pre_patch, names=("LlamaAttention_fast_forward",)):
             return unsupported("Qwen2 attention no longer runs Unsloth's LlamaAttention_fast_forward")
+        if not code_mentions(stock, names=("apply_lora_qkv", "bias")):
+            return native("patch_peft_model installs apply_lora_qkv without looking at any bias")
+        if os.environ.get(self.opt_in_env or "", "") != "1":
+            # Reading the gate exactly (source + AST, ~12 ms) is left to those who apply the
+            # patch: import time is paid by every user, and this patch is opt-in.
+            return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
         try:
-            gate = _stock_gate(getattr(patch_peft_model, "__func__", patch_peft_model))
+            gate = _stock_gate(stock)
         except (GateLayoutError, SyntaxError) as exc:
             return unsupported(f"cannot mirror patch_peft_model's fused-QKV gate: {exc}")
         if gate.bias_clauses == 0:
@@ -589,15 +598,13 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
 
     def install(self, swaps: AttributeSwaps, env: Environment) -> None:
         llama = unsloth_module(env, "unsloth.models.llama")
-        cls = llama.FastLlamaModel
-        current = cls.__dict__["patch_peft_model"]
-        function = current.__func__ if isinstance(current, staticmethod) else current
-        if getattr(function, _SHIM_OWNED, False):
+        if getattr(llama.FastLlamaModel.patch_peft_model, _SHIM_OWNED, None) == _PATCH_NAME:
             return
-        gate = _stock_gate(function)  # GateLayoutError: the Shim records a failed apply
+        # GateLayoutError: the Shim records a failed apply.
+        gate = _stock_gate(inspect.unwrap(llama.FastLlamaModel.patch_peft_model))
         _resolve_upstream()
-        swaps.set_attr(
-            cls, "patch_peft_model", staticmethod(_fusing_biased_qkv(function, gate, self._report))
+        swaps.wrap_staticmethod(
+            llama.FastLlamaModel, "patch_peft_model", lambda f: _fusing_biased_qkv(f, gate, self._report)
         )
         # 2026.x keeps a registry of fused layers for FSDP: make it see these too.
         if "_fused_lora_modules" in vars(llama):
