@@ -19,6 +19,22 @@ import torch
 
 from conformance import versions
 
+#: Counts that must be 0 whatever the dtype: a mismatch there is a bug, not rounding.
+EXACT_COUNTS: dict[str, float] = {
+    # Greedy tokens and chat templates are compared exactly (see MIN_GREEDY_MARGIN for why
+    # exact token equality is fair).
+    "generate_mismatch": 0,
+    "chat_mismatch": 0,
+    # A target_modules typo accepted; a Qwen2/Qwen3 model loaded on Unsloth's generic path.
+    "typo_accepted": 0,
+    "generic_path": 0,
+    # LoRA trains adapters only: any gradient on a base weight is a bug.
+    "base_weight_grads": 0,
+    # Layers whose q/k/v stay on PEFT's forward while stock fused the rest of the layer
+    # (test_fused_qkv.py). Stock Unsloth on Qwen2 measures all of them.
+    "unfused_qkv_layers": 0,
+}
+
 BOUNDS: dict[str, dict[str, float]] = {
     "fp32": {
         # Correct fp32 runs measure ~1e-6 (unit roundoff 6e-8, grown by 2 layers of different
@@ -38,17 +54,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         # Logits after saving and reloading an adapter: the adapter tensors round-trip
         # exactly, so this is the forward bound again.
         "adapter_logits_rel": 1e-4,
-        # Greedy tokens and chat templates are compared exactly (see MIN_GREEDY_MARGIN for
-        # why exact token equality is fair).
-        "generate_mismatch": 0,
-        "chat_mismatch": 0,
-        "typo_accepted": 0,
-        "generic_path": 0,
-        # LoRA trains adapters only: any gradient on a base weight is a bug, in any dtype.
-        "base_weight_grads": 0,
-        # Layers whose q/k/v stay on PEFT's forward while stock fused the rest of the layer
-        # (test_fused_qkv.py): a count, 0 in every dtype. Stock Unsloth on Qwen2 measures all.
-        "unfused_qkv_layers": 0,
+        **EXACT_COUNTS,
     },
     "bf16": {
         # bf16 unit roundoff is 2^-9 ~ 2e-3 per operation and both sides round at different
@@ -65,12 +71,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         # without flaking on rounding.
         "lora_grad_rel": 2e-1,
         "adapter_logits_rel": 1e-1,
-        "generate_mismatch": 0,
-        "chat_mismatch": 0,
-        "typo_accepted": 0,
-        "generic_path": 0,
-        "base_weight_grads": 0,
-        "unfused_qkv_layers": 0,
+        **EXACT_COUNTS,
     },
     "fp16": {
         # fp16 has 3 more mantissa bits than bf16 (unit roundoff 2^-12 ~ 2.4e-4), so rounding
@@ -81,12 +82,7 @@ BOUNDS: dict[str, dict[str, float]] = {
         "lora_loss_rel": 5e-3,
         "lora_grad_rel": 1e-1,
         "adapter_logits_rel": 5e-2,
-        "generate_mismatch": 0,
-        "chat_mismatch": 0,
-        "typo_accepted": 0,
-        "generic_path": 0,
-        "base_weight_grads": 0,
-        "unfused_qkv_layers": 0,
+        **EXACT_COUNTS,
     },
     "nf4": {
         # Both sides quantize the same bf16 weights with bitsandbytes NF4 (blocksize 64,
