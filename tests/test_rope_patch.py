@@ -190,7 +190,12 @@ def _from_pretrained_stand_in(calls):
         **kwargs,
     ):
         calls.append(
-            {"model_name": model_name, "max_seq_length": max_seq_length, "rope_scaling": rope_scaling}
+            {
+                "model_name": model_name,
+                "max_seq_length": max_seq_length,
+                "rope_scaling": rope_scaling,
+                "kwargs": kwargs,
+            }
         )
         return "model"
 
@@ -206,7 +211,9 @@ def test_old_from_pretrained_gets_the_config_scaling_so_it_does_not_swap_it(
     _qwen3_config(SCALINGS["yarn"]).save_pretrained(tmp_path)
     calls: list[dict] = []
     wrapped = _keeping_config_scaling(_from_pretrained_stand_in(calls))
-    assert wrapped(str(tmp_path), max_seq_length=max_seq_length) == "model"
+    # Extra keywords, as FastLanguageModel forwards them, must arrive as themselves.
+    assert wrapped(str(tmp_path), max_seq_length=max_seq_length, use_gradient_checkpointing=False) == "model"
+    assert calls[0]["kwargs"] == {"use_gradient_checkpointing": False}
     scaling = calls[0]["rope_scaling"]
     assert (scaling is not None) is passes_scaling
     if passes_scaling:

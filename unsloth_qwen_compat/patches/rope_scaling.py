@@ -212,8 +212,10 @@ def _keeping_config_scaling(from_pretrained: Callable[..., Any]) -> Callable[...
                         "Unsloth >= 2026.6.3."
                     )
                 # Any rope_scaling skips upstream's swap; the argument is otherwise unused there.
-                kwargs = dict(bound.arguments, rope_scaling=scaling)
-                return from_pretrained(**kwargs)
+                # BoundArguments.args/.kwargs spread **kwargs (FastLanguageModel forwards extra
+                # keywords); bound.arguments would pass them as one argument named "kwargs".
+                bound.arguments["rope_scaling"] = scaling
+                return from_pretrained(*bound.args, **bound.kwargs)
         return from_pretrained(*args, **kwargs)
 
     wrapper.__unsloth_qwen_compat__ = True  # type: ignore[attr-defined]
