@@ -220,6 +220,36 @@ def test_old_from_pretrained_gets_the_config_scaling_so_it_does_not_swap_it(
         assert scaling["rope_type"] == "yarn" and scaling["factor"] == 4.0
 
 
+def test_old_from_pretrained_past_the_window_builds_tables_from_the_checkpoint_config(tmp_path) -> None:
+    # 2025.x raises the model config's max_position_embeddings to max_seq_length, and
+    # transformers < 4.53 derives YaRN's factor from it: the rotary must see the checkpoint's.
+    from transformers import AutoConfig
+
+    from unsloth_qwen_compat.patches.rope_scaling import _keeping_config_scaling, _remembering_config
+
+    _qwen3_config(SCALINGS["yarn"]).save_pretrained(tmp_path)
+    checkpoint_positions = AutoConfig.from_pretrained(tmp_path).max_position_embeddings
+
+    class Rotary:  # stand-in for LlamaRotaryEmbedding(dim, max_position_embeddings, base, device, config)
+        def __init__(self, dim=None, max_position_embeddings=None, base=None, device=None, config=None):
+            pass
+
+    Rotary.__init__ = _remembering_config(Rotary.__init__)
+    built = []
+
+    def from_pretrained(model_name, max_seq_length=None, rope_scaling=None, **kwargs):
+        raised = AutoConfig.from_pretrained(model_name, max_position_embeddings=max_seq_length)
+        built.append((raised, Rotary(config=raised)))
+        return "model"
+
+    _keeping_config_scaling(from_pretrained)(str(tmp_path), max_seq_length=1024)
+    raised, rotary = built[0]
+    assert raised.max_position_embeddings == 1024
+    assert rotary._compat_rope_config.max_position_embeddings == checkpoint_positions != 1024
+    # Outside such a load the rotary keeps the config it is given.
+    assert Rotary(config=raised)._compat_rope_config is raised
+
+
 def test_old_from_pretrained_refuses_yarn_past_its_own_window(tmp_path) -> None:
     from unsloth_qwen_compat.patches.rope_scaling import UnsupportedRopeScalingError, _keeping_config_scaling
 

@@ -25,6 +25,7 @@ the seq_len-dependent types (dynamic, longrope) are refused with a clear error.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -41,6 +42,13 @@ STATIC_ROPE_TYPES = ("linear", "yarn", "llama3")
 #: The probe's stand-in config: Qwen3's published long-context shape, scaled down.
 _PROBE_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
 _PROBE_MAX_POSITIONS = 320
+
+#: The checkpoint's own config while an old ``from_pretrained`` loads past the window. That
+#: code raises the model config's ``max_position_embeddings`` to ``max_seq_length``, and
+#: transformers < 4.53 derives YaRN's factor from it (``max_position_embeddings /
+#: original_max_position_embeddings``): tables built from the raised config would change the
+#: model (2025.3 leg, H200: logits rel 0.88-1.0). The rotary tables come from this one instead.
+_checkpoint_config: contextvars.ContextVar[Any] = contextvars.ContextVar("checkpoint_config", default=None)
 
 
 def rope_scaling_of(config: Any) -> dict[str, Any]:
@@ -146,7 +154,7 @@ def rope_cos_sin(inv_freq: Any, attention_scaling: float, seq_len: int) -> tuple
 def _remembering_config(original_init: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        config = kwargs.get("config", args[4] if len(args) > 4 else None)
+        config = _checkpoint_config.get() or kwargs.get("config", args[4] if len(args) > 4 else None)
         # Before the original __init__, which builds the first cos/sin cache.
         object.__setattr__(self, "_compat_rope_config", config)
         original_init(self, *args, **kwargs)
@@ -215,7 +223,11 @@ def _keeping_config_scaling(from_pretrained: Callable[..., Any]) -> Callable[...
                 # BoundArguments.args/.kwargs spread **kwargs (FastLanguageModel forwards extra
                 # keywords); bound.arguments would pass them as one argument named "kwargs".
                 bound.arguments["rope_scaling"] = scaling
-                return from_pretrained(*bound.args, **bound.kwargs)
+                token = _checkpoint_config.set(config)
+                try:
+                    return from_pretrained(*bound.args, **bound.kwargs)
+                finally:
+                    _checkpoint_config.reset(token)
         return from_pretrained(*args, **kwargs)
 
     wrapper.__unsloth_qwen_compat__ = True  # type: ignore[attr-defined]
