@@ -82,9 +82,14 @@ def _skip_unless_fused_kernels(model, spec, dtype) -> int:
     return eligible
 
 
-def _loss_and_grads(model, ids) -> tuple[float, dict]:
+def _loss_and_grads(model, ids, autocast_dtype=None) -> tuple[float, dict]:
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
+    # A bf16 base trains under autocast, as a Trainer with bf16=True runs it: Unsloth keeps
+    # LoRA weights in fp32 on some releases (2025.10 in an fp32 process: without autocast
+    # the PEFT path fails with "mat1 and mat2 ... float != BFloat16", stock and shim alike).
+    autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast("cuda", dtype=autocast_dtype)
+    with autocast:
+        loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {candidate.layer_key(n): p.grad for n, p in model.named_parameters() if "lora_" in n}
     return loss.item(), grads
@@ -135,7 +140,7 @@ def test_fused_qkv_vs_peft_path(spec, base, settings, oracle, record):
     _, unfused, names = _engagement(model)
     ids = reference["input_ids"].to(candidate.device_of(model))
 
-    fused_loss, fused_grads = _loss_and_grads(model, ids)
+    fused_loss, fused_grads = _loss_and_grads(model, ids, torch.bfloat16)
     fused_grads = {k: g.detach().clone() for k, g in fused_grads.items() if g is not None}
     # Stock's path for Qwen2: every layer's q/k/v through PEFT's own forward.
     attention = _attention_modules(model)
@@ -143,7 +148,7 @@ def test_fused_qkv_vs_peft_path(spec, base, settings, oracle, record):
     for module in attention:
         module.apply_qkv = _llama().original_apply_qkv
     try:
-        peft_loss, peft_grads = _loss_and_grads(model, ids)
+        peft_loss, peft_grads = _loss_and_grads(model, ids, torch.bfloat16)
     finally:
         for module, function in zip(attention, installed):
             module.apply_qkv = function
