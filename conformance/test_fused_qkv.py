@@ -18,6 +18,8 @@ case checks two things:
   q/k/v put back on PEFT's forward (stock's path for Qwen2), and compares the two.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -87,7 +89,9 @@ def _loss_and_grads(model, ids, autocast_dtype=None) -> tuple[float, dict]:
     # A bf16 base trains under autocast, as a Trainer with bf16=True runs it: Unsloth keeps
     # LoRA weights in fp32 on some releases (2025.10 in an fp32 process: without autocast
     # the PEFT path fails with "mat1 and mat2 ... float != BFloat16", stock and shim alike).
-    autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast("cuda", dtype=autocast_dtype)
+    autocast = (
+        contextlib.nullcontext() if autocast_dtype is None else torch.autocast("cuda", dtype=autocast_dtype)
+    )
     with autocast:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
