@@ -63,7 +63,10 @@ def saved_adapters(needed_models, settings, oracle) -> dict:
     for spec in needed_models("adapter"):
         try:
             saved[spec.name] = _save_and_reload(spec, settings, oracle)
-        except Exception as error:  # reported by that model's test, not by the others
+        # A refusal (pytest.xfail's exception is a BaseException) is that model's too: letting
+        # it escape would end every model's case as refused (2025.3: Qwen3-MoE's refusal hid
+        # the qwen2/qwen3 adapter checks).
+        except (Exception, pytest.xfail.Exception) as error:  # reported by that model's test only
             saved[spec.name] = error
     good = [(n, s) for n, s in saved.items() if not isinstance(s, Exception)]
     requests = [
