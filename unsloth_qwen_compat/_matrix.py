@@ -56,8 +56,8 @@ LEGS: tuple[Leg, ...] = (
         peft="0.17.1",
         expected_needs=("rope_scaling", "lora_target_maps", "kv_cache_left_padding", "qwen2_fused_qkv_bias"),
         conformance=(
-            "53/57 pass (H200); the 4 failures (left-padded KV-cache generation) pass with "
-            "kv_cache_left_padding in a generate-only run (12/12); full re-run pending"
+            "61/65 pass (H200, fp32) vs 38/65 stock; the 4 failures (bf16/nf4 fused-QKV cases, "
+            "a harness dtype error stock shared) pass after the harness fix (6/6 fused_qkv, stock 0/6)"
         ),
     ),
     Leg(
@@ -77,8 +77,8 @@ LEGS: tuple[Leg, ...] = (
             "qwen2_fused_qkv_bias",
         ),
         conformance=(
-            "first run (H200, bf16): 10/59 with the shim vs 5/59 stock; its causes are fixed or "
-            "refused since (see CONFORMANCE.md), re-run pending"
+            "42/65 pass, 23 refused (Qwen3-MoE; plus 4 qwen2/qwen3 adapter cases a harness bug "
+            "marked refused, fixed, re-run pending), 0 fail (H200, bf16) vs 5/65 stock"
         ),
     ),
 )
