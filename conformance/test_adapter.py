@@ -56,6 +56,12 @@ def _save_and_reload(spec, settings, oracle) -> dict:
     }
 
 
+#: What one model's save/reload can end in, kept for that model's own case. A refusal is
+#: pytest.xfail's exception, a BaseException: letting it escape the shared fixture ended every
+#: model's case as refused (2025.3: Qwen3-MoE's refusal hid the qwen2/qwen3 adapter checks).
+_MODEL_OUTCOMES = (Exception, pytest.xfail.Exception)
+
+
 @pytest.fixture(scope="module")
 def saved_adapters(needed_models, settings, oracle) -> dict:
     """Save and reload every collected model's adapter, then get all HF reloads from one oracle run."""
@@ -63,12 +69,9 @@ def saved_adapters(needed_models, settings, oracle) -> dict:
     for spec in needed_models("adapter"):
         try:
             saved[spec.name] = _save_and_reload(spec, settings, oracle)
-        # A refusal (pytest.xfail's exception is a BaseException) is that model's too: letting
-        # it escape would end every model's case as refused (2025.3: Qwen3-MoE's refusal hid
-        # the qwen2/qwen3 adapter checks).
-        except (Exception, pytest.xfail.Exception) as error:  # reported by that model's test only
+        except _MODEL_OUTCOMES as error:  # reported by that model's test only
             saved[spec.name] = error
-    good = [(n, s) for n, s in saved.items() if not isinstance(s, Exception)]
+    good = [(n, s) for n, s in saved.items() if not isinstance(s, _MODEL_OUTCOMES)]
     requests = [
         plan.adapter_forward(zoo.BY_NAME[n], settings.dtype, settings.device, s["dir"], s["hash"])
         for n, s in good
@@ -81,7 +84,7 @@ def saved_adapters(needed_models, settings, oracle) -> dict:
 @pytest.mark.parametrize("spec", zoo.ZOO, ids=str)
 def test_adapter_save_reload(spec, saved_adapters, settings, record):
     entry = saved_adapters[spec.name]
-    if isinstance(entry, Exception):
+    if isinstance(entry, _MODEL_OUTCOMES):
         raise entry
     assert entry["hf"]["input_ids"].equal(entry["ids"]), "oracle and candidate inputs differ"
     tolerances.check(

@@ -154,7 +154,9 @@ def rope_cos_sin(inv_freq: Any, attention_scaling: float, seq_len: int) -> tuple
 def _remembering_config(original_init: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        config = _checkpoint_config.get() or kwargs.get("config", args[4] if len(args) > 4 else None)
+        config = _checkpoint_config.get()
+        if config is None:
+            config = kwargs.get("config", args[4] if len(args) > 4 else None)
         # Before the original __init__, which builds the first cos/sin cache.
         object.__setattr__(self, "_compat_rope_config", config)
         original_init(self, *args, **kwargs)
