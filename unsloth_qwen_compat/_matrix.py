@@ -45,7 +45,7 @@ LEGS: tuple[Leg, ...] = (
         trl="1.15.0",
         peft="0.21.2",
         expected_needs=("rope_scaling", "lora_target_maps", "qwen2_fused_qkv_bias"),
-        conformance="57/57 pass (H200)",
+        conformance="63/65 pass, 2 skipped (fp32 fused-QKV vs HF: no fused path at fp32), 0 fail (H200, fp32)",
     ),
     Leg(
         name="2025.10",
@@ -56,8 +56,8 @@ LEGS: tuple[Leg, ...] = (
         peft="0.17.1",
         expected_needs=("rope_scaling", "lora_target_maps", "kv_cache_left_padding", "qwen2_fused_qkv_bias"),
         conformance=(
-            "61/65 pass (H200, fp32) vs 38/65 stock; the 4 failures (bf16/nf4 fused-QKV cases, "
-            "a harness dtype error stock shared) pass after the harness fix (6/6 fused_qkv, stock 0/6)"
+            "65/65 pass (H200, fp32) vs 38/65 stock: 61 in the full run, the 4 bf16/nf4 fused-QKV "
+            "cases after a harness dtype fix (stock 0/6 fused_qkv); RoPE cases re-run at the final code"
         ),
     ),
     Leg(
@@ -77,8 +77,8 @@ LEGS: tuple[Leg, ...] = (
             "qwen2_fused_qkv_bias",
         ),
         conformance=(
-            "42/65 pass, 23 refused (Qwen3-MoE; plus 4 qwen2/qwen3 adapter cases a harness bug "
-            "marked refused, fixed, re-run pending), 0 fail (H200, bf16) vs 5/65 stock"
+            "46/65 pass, 19 refused (every Qwen3-MoE case), 0 fail (H200, bf16) vs 5/65 stock; "
+            "the 4 qwen2/qwen3 adapter cases from a re-run after a harness fix"
         ),
     ),
 )
