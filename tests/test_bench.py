@@ -97,6 +97,40 @@ def test_qkv_bias_compare_runs_stock_shim_bound_stock_in_that_order() -> None:
     assert len({c.id for c in cases}) == len(cases)  # every run has its own log and result file
 
 
+def test_qkv_rounds_alternate_the_order_so_drift_falls_on_every_label() -> None:
+    cases, settings = _plan(
+        "--qkv-bias-compare", "--shapes", "qwen2.5-1.5b", "--precisions", "bf16", "--rounds", "2"
+    )
+    assert settings.rounds == 2
+    assert [(c.label, c.run) for c in cases] == [
+        ("stock", 1), ("shim", 1), ("bound", 1), ("bound", 2), ("shim", 2), ("stock", 2),
+    ]  # fmt: skip
+    three = bench.qkv_cases(cases[0], 3)
+    assert [c.label for c in three] == [
+        "stock",
+        "shim",
+        "bound",
+        "bound",
+        "shim",
+        "stock",
+        "stock",
+        "shim",
+        "bound",
+    ]
+    assert len({c.id for c in three}) == 9
+
+
+def test_card_groups_keep_a_rows_runs_together_and_bisections_apart() -> None:
+    cases, _ = _plan("--qkv-bias-compare")
+    groups = bench.card_groups(cases)
+    assert [(g[0].shape, g[0].precision, len(g)) for g in groups] == [
+        ("qwen2.5-1.5b", "bf16", 4), ("qwen2.5-1.5b", "qlora", 4), ("qwen2.5-7b", "bf16", 4), ("qwen2.5-7b", "qlora", 4),
+    ]  # fmt: skip
+    assert [c for g in groups for c in g] == cases  # same order inside a group
+    bisections, _ = _plan("--max-seq-bisect")
+    assert [len(g) for g in bench.card_groups(bisections)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -107,6 +141,10 @@ def test_qkv_bias_compare_runs_stock_shim_bound_stock_in_that_order() -> None:
         (["--qkv-bias-compare", "--shapes", "qwen3-1.7b"], "needs Qwen2 shapes"),
         (["--qkv-bias-compare", "--paths", "hf"], "drop --paths"),
         (["--steps", "0"], "--steps must be positive"),
+        (["--rounds", "0", "--qkv-bias-compare"], "--rounds must be positive"),
+        (["--rounds", "2"], "--rounds applies to --qkv-bias-compare only"),
+        (["--gpus", "0,x"], "give CUDA device indices"),
+        (["--gpus", "1,1"], "an index is repeated"),
     ],
 )
 def test_bad_arguments_exit_2_with_the_problem(
@@ -385,7 +423,7 @@ def test_png_is_written_or_skipped_with_a_message(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in why and not (tmp_path / "bench.png").exists()
 
 
-def _fake_worker(spec: dict, work: Path, log: Path, timeout: float) -> dict:
+def _fake_worker(spec: dict, work: Path, log: Path, timeout: float, gpu: str | None = None) -> dict:
     """Stands in for the worker process: what each mode's worker returns on a GPU."""
     if spec["mode"] == "prepare":
         Path(spec["checkpoint"]).mkdir(parents=True)
@@ -445,6 +483,112 @@ def test_every_mode_reports_what_its_workers_returned(
     assert code == (1 if failed else 0)
     assert [c["id"] for c in failed] == (["bisect-qwen3-8b-qlora-hf"] if stem == "max_seq" else [])
     assert capsys.readouterr().out.splitlines()[0].startswith("shape")
+
+
+def test_gpus_run_rows_at_once_each_rows_runs_on_one_card_in_order(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    calls: list[tuple[str, str | None, str]] = []
+    lock = threading.Lock()
+    both_busy = threading.Event()
+    busy: set[str | None] = set()
+
+    def worker(spec: dict, work: Path, log: Path, timeout: float, gpu: str | None = None) -> dict:
+        with lock:
+            calls.append((spec["id"], gpu, work.name))
+        if spec["mode"] != "prepare":
+            with lock:
+                busy.add(gpu)
+                if len(busy) == 2:
+                    both_busy.set()
+            both_busy.wait(timeout=5)  # the other card's row runs meanwhile
+        time.sleep(0.01)
+        with lock:
+            busy.discard(gpu)
+        return _fake_worker(spec, work, log, timeout, gpu)
+
+    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(bench, "run_worker", worker)
+    out = tmp_path / "out"
+    args = ["--qkv-bias-compare", "--gpus", "0,1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert bench.main(args) == 0
+    assert both_busy.is_set()
+    report = json.loads((out / "qkv_bias.json").read_text())
+    cases = [c for c in report["cases"]]
+    assert [c["id"] for c in cases] == [c.id for c in _plan("--qkv-bias-compare")[0]]  # plan order kept
+    for row in bench.card_groups(_plan("--qkv-bias-compare")[0]):
+        cards = {c["gpu"] for c in cases if c["id"] in {r.id for r in row}}
+        assert len(cards) == 1, cards
+        ran = [i for i, _, _ in calls if i in {r.id for r in row}]
+        assert ran == [r.id for r in row]  # in order on its card
+    assert {gpu for _, gpu, _ in calls} == {"0", "1"}
+    assert all(work == f"gpu{gpu}" for _, gpu, work in calls)  # a compiled cache per card
+    assert "run on GPUs 0,1 at once" in (out / "qkv_bias.md").read_text()
+
+
+def test_gpus_beyond_the_machine_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(bench, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H200")
+    assert bench.main(["--gpus", "0,2", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 2
+    assert "names a GPU this machine does not have (it sees 2)" in capsys.readouterr().err
+
+
+def test_reports_are_written_after_every_case_so_a_stopped_run_keeps_its_results(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[str] = []
+
+    def worker(spec: dict, work: Path, log: Path, timeout: float, gpu: str | None = None) -> dict:
+        if spec["mode"] != "prepare":
+            seen.append(spec["id"])
+            if len(seen) == 3:
+                raise KeyboardInterrupt  # the job's time limit, say
+        return _fake_worker(spec, work, log, timeout, gpu)
+
+    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(bench, "run_worker", worker)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(
+            [
+                "--qkv-bias-compare",
+                "--shapes",
+                "qwen2.5-1.5b",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path),
+            ]
+        )
+    report = json.loads((out / "qkv_bias.json").read_text())
+    assert [c["label"] for c in report["cases"]] == ["stock", "shim"]
+    assert report["rows"][0]["status"] == "incomplete"
+    assert "| qwen2.5-1.5b | bf16 | running |" in (out / "qkv_bias.md").read_text()
+
+
+def test_qkv_report_with_rounds_averages_every_labels_runs() -> None:
+    results = [
+        _qkv_run("stock", 1, 0.30),
+        _qkv_run("shim", 1, 0.27),
+        _qkv_run("bound", 1, 0.25),
+        _qkv_run("bound", 2, 0.27),
+        _qkv_run("shim", 2, 0.29),
+        _qkv_run("stock", 2, 0.32),
+    ]
+    (row,) = bench.summarize_qkv(results)
+    assert row["stock_s"] == [0.30, 0.32] and row["shim_runs_s"] == [0.27, 0.29]
+    assert row["shim_s"] == pytest.approx(0.28) and row["bound_s"] == pytest.approx(0.26)
+    assert row["gap_closed"] == pytest.approx((0.31 - 0.28) / (0.31 - 0.26))
+    cells = bench.qkv_rows([row])[0]
+    assert cells[3] == "0.2800 (0.2700 / 0.2900)" and cells[4] == "0.2600 (0.2500 / 0.2700)"
+    text = bench.render_markdown("qkv", [row], Settings(rounds=2), ["cmd"], "NVIDIA H200", {})
+    assert "this order: stock, shim, bound, bound #2, shim #2, stock #2" in text
 
 
 def test_append_merges_runs_into_one_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

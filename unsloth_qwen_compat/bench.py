@@ -42,12 +42,18 @@ Two other modes:
   worker process per path;
 - ``--qkv-bias-compare``: for Qwen2.5 shapes, step time of stock Unsloth, the shim, and
   stock Unsloth on the same shape with the q/k/v biases dropped (``bound``: the fused LoRA
-  QKV kernel engages), run in that order with a second stock run last; reports how much of
-  the stock-to-bound gap the shim closes.
+  QKV kernel engages), run in that order with a second stock run last (``--rounds N``:
+  N rounds, every other one in reverse order, so drift over the run falls on all three);
+  reports how much of the stock-to-bound gap the shim closes.
+
+``--gpus 0,1,2,3`` runs on several GPUs of one machine at once: the runs of one shape and
+precision (one table row, or one path of a bisection) stay together on one card, in
+order, so every ratio is taken on a single card; rows go to whichever card is free.
 
 Results go to ``--out``: ``bench.json`` / ``bench.md`` / ``bench.png`` (``max_seq.*``,
 ``qkv_bias.*`` for the other modes), one log per case under ``logs/``. ``--append`` merges
 into the results already there, so a long plan can run as several short invocations.
+The reports are rewritten after every case, so a run that is stopped keeps what it measured.
 Exit status: 0 when every case passed, 1 when any failed (a failed case is recorded with
 its error's last line and the run goes on), 2 without a CUDA GPU or on bad arguments
 (``--dry-run`` prints the plan anywhere).
@@ -56,15 +62,19 @@ its error's last line and the run goes on), 2 without a CUDA GPU or on bad argum
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
+import queue
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -335,6 +345,8 @@ class Settings:
     bisect_step: int = 1024
     case_timeout: float = 1800.0
     seed: int = 0
+    rounds: int = 1
+    gpus: tuple[str, ...] = ()
 
 
 def parse_batch(text: str) -> tuple[int, dict[str, int]]:
@@ -403,6 +415,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Qwen2.5: stock, shim, biases dropped (bound), stock again; how much of the gap the shim closes",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--qkv-bias-compare: rounds of stock, shim, bound, alternate ones reversed "
+        "(default 1, then stock once more)",
+    )
+    parser.add_argument(
+        "--gpus",
+        help="comma-separated CUDA device indices to run on at once, one table row (shape and "
+        "precision) per card at a time (default: the one GPU this process sees)",
+    )
     parser.add_argument("--bisect-low", type=int, default=1024, help="--max-seq-bisect: shortest length")
     parser.add_argument("--bisect-high", type=int, default=131072, help="--max-seq-bisect: upper bound")
     parser.add_argument("--bisect-step", type=int, default=1024, help="--max-seq-bisect: resolution")
@@ -417,6 +441,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
     # CPU runs of the hf path exercise the pipeline end to end where there is no GPU (tests).
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=argparse.SUPPRESS)
+
+
+def parse_gpus(text: str) -> tuple[str, ...]:
+    """``0,1,2``: distinct CUDA device indices, in order."""
+    gpus = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise argparse.ArgumentTypeError(f"--gpus {text!r}: give CUDA device indices, e.g. 0,1,2,3")
+    if len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"--gpus {text!r}: an index is repeated")
+    return gpus
+
+
+def qkv_cases(base: Case, rounds: int) -> list[Case]:
+    """stock, shim, bound per round, every other round reversed; one round ends with stock again."""
+    variants = {
+        "stock": replace(base, label="stock"),
+        "shim": replace(base, label="shim", path="shim"),
+        "bound": replace(base, label="bound", drop_qkv_bias=True),
+    }
+    order = [*variants]
+    labels = [label for r in range(rounds) for label in (order if r % 2 == 0 else order[::-1])]
+    if rounds == 1:
+        labels.append("stock")  # bracket the run: drift shows as two stock runs apart
+    seen: dict[str, int] = {}
+    cases = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        cases.append(replace(variants[label], run=seen[label]))
+    return cases
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
@@ -447,6 +500,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
             raise argparse.ArgumentTypeError(f"--{name} must be positive")
     if args.warmup < 0:
         raise argparse.ArgumentTypeError("--warmup must be >= 0")
+    if args.rounds < 1:
+        raise argparse.ArgumentTypeError("--rounds must be positive")
+    if args.rounds > 1 and not args.qkv_bias_compare:
+        raise argparse.ArgumentTypeError("--rounds applies to --qkv-bias-compare only")
+    gpus = parse_gpus(args.gpus) if args.gpus else ()
     if args.max_seq_bisect and not 0 < args.bisect_low <= args.bisect_high:
         raise argparse.ArgumentTypeError("--max-seq-bisect needs 0 < --bisect-low <= --bisect-high")
     settings = Settings(
@@ -457,6 +515,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
         bisect_high=args.bisect_high,
         bisect_step=args.bisect_step,
         case_timeout=args.case_timeout,
+        rounds=args.rounds,
+        gpus=gpus,
     )
     cases: list[Case] = []
     for shape in shapes:
@@ -465,13 +525,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
             if args.max_seq_bisect:
                 cases += [Case("bisect", shape, precision, p, size, args.bisect_high) for p in paths]
             elif args.qkv_bias_compare:
-                base = Case("train", shape, precision, "unsloth", size, args.seq_len)
-                cases += [
-                    replace(base, label="stock"),
-                    replace(base, label="shim", path="shim"),
-                    replace(base, label="bound", drop_qkv_bias=True),
-                    replace(base, label="stock", run=2),
-                ]
+                cases += qkv_cases(
+                    Case("train", shape, precision, "unsloth", size, args.seq_len), args.rounds
+                )
             else:
                 cases += [Case("train", shape, precision, p, size, args.seq_len) for p in paths]
     return cases, settings
@@ -518,7 +574,7 @@ def worker_command(spec_path: Path) -> list[str]:
     return [sys.executable, "-c", boot, str(WORKER_FILE), str(spec_path)]
 
 
-def worker_env(path: str, device: str) -> dict[str, str]:
+def worker_env(path: str, device: str, gpu: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -542,6 +598,8 @@ def worker_env(path: str, device: str) -> dict[str, str]:
                 env.setdefault(patch.opt_in_env, "1")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    elif gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
 
 
@@ -550,8 +608,11 @@ def last_line(text: str) -> str:
     return lines[-1][:400] if lines else ""
 
 
-def run_worker(spec: dict[str, Any], work: Path, log: Path, timeout: float) -> dict[str, Any]:
-    """Run one worker process on ``spec``; its result, or a failed result that says why."""
+def run_worker(
+    spec: dict[str, Any], work: Path, log: Path, timeout: float, gpu: str | None = None
+) -> dict[str, Any]:
+    """Run one worker process on ``spec`` (on CUDA device ``gpu`` if given); its result, or a
+    failed result that says why."""
     work.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     spec_path = work / f"{spec['id']}.spec.json"
@@ -564,7 +625,7 @@ def run_worker(spec: dict[str, Any], work: Path, log: Path, timeout: float) -> d
                 worker_command(spec_path),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
-                env=worker_env(spec["path"], spec["device"]),
+                env=worker_env(spec["path"], spec["device"], gpu),
                 cwd=work,  # Unsloth writes its compiled cache here; the cases of a run share it
                 timeout=timeout,
                 check=False,
@@ -584,16 +645,46 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class _Cards:
+    """The GPUs a run may use: one worker thread per card, each taking the next task."""
+
+    def __init__(self, gpus: Sequence[str]) -> None:
+        self.gpus: list[str | None] = list(gpus) or [None]  # None: the GPU this process sees
+
+    def run(self, tasks: Sequence[Callable[[str | None], None]]) -> None:
+        if len(self.gpus) == 1:
+            for task in tasks:
+                task(self.gpus[0])
+            return
+        free: queue.Queue[str | None] = queue.Queue()
+        for gpu in self.gpus:
+            free.put(gpu)
+
+        def on_a_free_card(task: Callable[[str | None], None]) -> None:
+            gpu = free.get()
+            try:
+                task(gpu)
+            finally:
+                free.put(gpu)
+
+        with ThreadPoolExecutor(max_workers=len(self.gpus)) as pool:
+            for future in [pool.submit(on_a_free_card, task) for task in tasks]:
+                future.result()
+
+
+def _work_dir(out: Path, gpu: str | None) -> Path:
+    # Unsloth writes its compiled cache in the worker's directory: one per card, so
+    # processes running at once never write the same files.
+    return out / "work" if gpu is None else out / "work" / f"gpu{gpu}"
+
+
 def prepare_checkpoints(
     shapes: Iterable[str], cache_dir: Path, out: Path, settings: Settings
 ) -> dict[str, tuple[Path, str | None]]:
     """Build each shape's checkpoint once (its own process); shape -> (directory, error or None)."""
     ready: dict[str, tuple[Path, str | None]] = {}
-    for name in dict.fromkeys(shapes):
-        directory = checkpoint_dir(SHAPES[name], cache_dir)
-        if checkpoint_ready(directory):
-            ready[name] = (directory, None)
-            continue
+
+    def build(name: str, directory: Path, gpu: str | None) -> None:
         _progress(f"checkpoint {name}: building random weights (bf16) in {directory}")
         started = time.perf_counter()
         spec = {
@@ -605,13 +696,23 @@ def prepare_checkpoints(
             "device": settings.device,
             "seed": settings.seed,
         }
-        result = run_worker(spec, out / "work", out / "logs" / f"prepare-{name}.log", settings.case_timeout)
+        log = out / "logs" / f"prepare-{name}.log"
+        result = run_worker(spec, _work_dir(out, gpu), log, settings.case_timeout, gpu)
         error = None if result.get("status") == "ok" and checkpoint_ready(directory) else result.get("error")
         ready[name] = (directory, error and f"checkpoint not built: {error}")
         _progress(
             f"checkpoint {name}: {'built' if error is None else 'FAILED: ' + str(error)} "
             f"in {time.perf_counter() - started:.1f} s"
         )
+
+    tasks = []
+    for name in dict.fromkeys(shapes):
+        directory = checkpoint_dir(SHAPES[name], cache_dir)
+        if checkpoint_ready(directory):
+            ready[name] = (directory, None)
+        else:
+            tasks.append(functools.partial(build, name, directory))
+    _Cards(settings.gpus).run(tasks)
     return ready
 
 
@@ -628,29 +729,60 @@ def case_spec(case: Case, settings: Settings, checkpoint: Path) -> dict[str, Any
     }
 
 
-def run_cases(cases: Sequence[Case], settings: Settings, out: Path, cache_dir: Path) -> list[dict[str, Any]]:
-    """Run every case, one process each, in order; a failure is recorded and the run goes on."""
+def card_groups(cases: Sequence[Case]) -> list[list[Case]]:
+    """Cases that must share a card, in order: a table row's runs (shape and precision), or
+    one bisection (its own process, its own card)."""
+    groups: dict[Any, list[Case]] = {}
+    for case in cases:
+        key = case.id if case.mode == "bisect" else (case.shape, case.precision)
+        groups.setdefault(key, []).append(case)
+    return list(groups.values())
+
+
+def run_cases(
+    cases: Sequence[Case],
+    settings: Settings,
+    out: Path,
+    cache_dir: Path,
+    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every case, one process each; a failure is recorded and the run goes on.
+
+    With ``settings.gpus`` the groups of :func:`card_groups` run at once, one per card.
+    ``on_result`` gets the results so far (in plan order) after every case.
+    """
     checkpoints = prepare_checkpoints((c.shape for c in cases), cache_dir, out, settings)
-    results = []
-    for number, case in enumerate(cases, 1):
-        tag = f"[{number}/{len(cases)}] {case.describe()}"
-        directory, error = checkpoints[case.shape]
-        _progress(f"{tag}: started")
-        started = time.perf_counter()
-        if error is not None:
-            outcome: dict[str, Any] = {"status": "failed", "error": error}
-        else:
-            log = out / "logs" / f"{case.id}.log"
-            outcome = run_worker(
-                case_spec(case, settings, directory), out / "work", log, settings.case_timeout
-            )
-            outcome["log"] = str(log)
-        seconds = time.perf_counter() - started
-        result = {**asdict(case), "id": case.id, **_case_settings(case, settings), **outcome}
-        result["seconds"] = round(seconds, 1)
-        results.append(result)
-        _progress(f"{tag}: {_outcome_words(result)} in {seconds:.1f} s")
-    return results
+    number = {case.id: n for n, case in enumerate(cases, 1)}
+    done: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+
+    def run_group(group: Sequence[Case], gpu: str | None) -> None:
+        for case in group:
+            card = "" if gpu is None else f" (GPU {gpu})"
+            tag = f"[{number[case.id]}/{len(cases)}] {case.describe()}{card}"
+            directory, error = checkpoints[case.shape]
+            _progress(f"{tag}: started")
+            started = time.perf_counter()
+            if error is not None:
+                outcome: dict[str, Any] = {"status": "failed", "error": error}
+            else:
+                log = out / "logs" / f"{case.id}.log"
+                spec = case_spec(case, settings, directory)
+                outcome = run_worker(spec, _work_dir(out, gpu), log, settings.case_timeout, gpu)
+                outcome["log"] = str(log)
+            seconds = time.perf_counter() - started
+            result = {**asdict(case), "id": case.id, **_case_settings(case, settings), **outcome}
+            result["seconds"] = round(seconds, 1)
+            if gpu is not None:
+                result["gpu"] = gpu
+            _progress(f"{tag}: {_outcome_words(result)} in {seconds:.1f} s")
+            with lock:
+                done[case.id] = result
+                if on_result is not None:
+                    on_result([done[c.id] for c in cases if c.id in done])
+
+    _Cards(settings.gpus).run([functools.partial(run_group, group) for group in card_groups(cases)])
+    return [done[c.id] for c in cases]
 
 
 def _case_settings(case: Case, settings: Settings) -> dict[str, Any]:
@@ -703,7 +835,7 @@ def failures(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [
         f"failed: {row.get('id') or row['shape'] + ' ' + row['precision']}: {row.get('error')}"
         for row in rows
-        if row.get("status") != "ok"
+        if row.get("status") not in ("ok", "incomplete")
     ]
 
 
@@ -827,15 +959,26 @@ def summarize_qkv(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             row["error"] = "; ".join(f"{r['label']}: {r.get('error')}" for r in failed)
             rows.append(row)
             continue
-        stock = [r["median_step_s"] for r in runs if r["label"] == "stock"]
-        shim = next(r["median_step_s"] for r in runs if r["label"] == "shim")
-        bound = next(r["median_step_s"] for r in runs if r["label"] == "bound")
+        # Each label's step time: the mean of its runs' medians (with --rounds the runs sit
+        # early and late in the run, so drift over the run lands on every label alike).
+        each = {
+            label: [r["median_step_s"] for r in runs if r["label"] == label]
+            for label in ("stock", "shim", "bound")
+        }
+        if not all(each.values()):  # reports are written while the run goes on
+            row["status"] = "incomplete"
+            rows.append(row)
+            continue
+        stock = each["stock"]
+        shim, bound = statistics.fmean(each["shim"]), statistics.fmean(each["bound"])
         base = statistics.fmean(stock)
         row.update(
             status="ok",
             stock_s=stock,
             shim_s=shim,
             bound_s=bound,
+            shim_runs_s=each["shim"],
+            bound_runs_s=each["bound"],
             shim_vs_stock=shim / base,
             bound_vs_stock=bound / base,
             gap_closed=gap_closed(stock, shim, bound),
@@ -849,7 +992,7 @@ def summarize_qkv(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 QKV_HEADER = (
     "shape",
     "precision",
-    "stock s (1st / 2nd)",
+    "stock s (each run)",
     "shim s",
     "bound s",
     "shim/stock",
@@ -863,7 +1006,8 @@ def qkv_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     for row in rows:
         cells = [row["shape"], row["precision"]]
         if row["status"] != "ok":
-            out.append([*cells, "failed (below)", "", "", "", "", ""])
+            state = "running" if row["status"] == "incomplete" else "failed (below)"
+            out.append([*cells, state, "", "", "", "", ""])
             continue
         closed = row["gap_closed"]
         verdict = (
@@ -877,14 +1021,20 @@ def qkv_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
             [
                 *cells,
                 " / ".join(f"{s:.4f}" for s in row["stock_s"]),
-                f"{row['shim_s']:.4f}",
-                f"{row['bound_s']:.4f}",
+                _mean_and_runs(row["shim_s"], row.get("shim_runs_s", [])),
+                _mean_and_runs(row["bound_s"], row.get("bound_runs_s", [])),
                 f"{row['shim_vs_stock']:.3f}",
                 f"{row['bound_vs_stock']:.3f}",
                 verdict,
             ]
         )
     return out
+
+
+def _mean_and_runs(mean: float, runs: Sequence[float]) -> str:
+    """``0.2210``, or ``0.2210 (0.2200 / 0.2220)`` when the mean is of several runs."""
+    text = f"{mean:.4f}"
+    return text if len(runs) < 2 else f"{text} ({' / '.join(f'{r:.4f}' for r in runs)})"
 
 
 def _card(results: Sequence[Mapping[str, Any]], settings: Settings) -> str:
@@ -926,6 +1076,11 @@ def render_markdown(
         "qlora = 4-bit NF4, double quant, bf16 compute; each run in a process of its own; "
         "PYTORCH_ALLOC_CONF=expandable_segments:True for every path (Unsloth sets it on import)",
     ]
+    if settings.gpus:
+        lines.append(
+            f"- run on GPUs {','.join(settings.gpus)} at once (`--gpus`): the runs of one row share one card "
+            "(`gpu` of each case in the JSON), so its ratios are taken on a single card"
+        )
     if kind == "train":
         lines += [
             f"- {_steps_text(rows, settings)}; tokens/s = batch x seq / median step; peak = "
@@ -948,10 +1103,11 @@ def render_markdown(
     else:
         lines += [
             f"- step time: {_steps_text(rows, settings)}; runs in "
-            "this order: stock (UNSLOTH_QWEN_COMPAT_DISABLE=1), shim, bound (stock Unsloth with every q/k/v "
-            "bias set to None before LoRA is attached: a different model, but it shows what the fused kernel "
-            "buys), stock again",
-            "- ratios against the mean of the two stock runs; gap closed = (stock - shim) / (stock - bound)",
+            f"this order: {_qkv_order(settings.rounds)}; stock: UNSLOTH_QWEN_COMPAT_DISABLE=1; bound: stock "
+            "Unsloth with every q/k/v bias set to None before LoRA is attached (a different model, but it "
+            "shows what the fused kernel buys)",
+            "- each of stock, shim, bound: the mean of its runs' medians; ratios against stock; "
+            "gap closed = (stock - shim) / (stock - bound)",
             "",
             _markdown_table(QKV_HEADER, qkv_rows(rows)),
             "",
@@ -965,6 +1121,13 @@ def render_markdown(
             )
     failed = failures(rows)
     return "\n".join(lines + ([""] + failed if failed else [])) + "\n"
+
+
+def _qkv_order(rounds: int) -> str:
+    return ", ".join(
+        f"{c.label}{f' #{c.run}' if c.run > 1 else ''}"
+        for c in qkv_cases(Case("train", "", "", "", 0, 0), rounds)
+    )
 
 
 def _steps_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
@@ -1028,6 +1191,13 @@ def _gpu_name() -> str | None:
     return None if gpu is None else gpu.name
 
 
+def _gpu_count() -> int:
+    from . import environment
+
+    gpu = environment().gpu
+    return 0 if gpu is None else gpu.count
+
+
 def run(args: argparse.Namespace, command: str) -> int:
     """Run the benchmark ``args`` describe; 0 when every case passed, 1 if any failed, 2 on bad use."""
     try:
@@ -1048,8 +1218,16 @@ def run(args: argparse.Namespace, command: str) -> int:
                 else f"{settings.warmup} warm-up + {settings.steps} timed steps"
             )
             print(f"[{number}/{len(cases)}] {case.describe()}, {extra}")
-        print(f"{len(cases)} cases, each in its own process; results would go to {args.out}")
+        where = f" on GPUs {','.join(settings.gpus)}, one row per card at a time" if settings.gpus else ""
+        print(f"{len(cases)} cases, each in its own process{where}; results would go to {args.out}")
         return 0
+    if settings.gpus and settings.device == "cuda" and _gpu_count() <= max(map(int, settings.gpus)):
+        print(
+            f"bench: --gpus {','.join(settings.gpus)} names a GPU this machine does not have "
+            f"(it sees {_gpu_count()}); give indices below that",
+            file=sys.stderr,
+        )
+        return 2
     if settings.device == "cuda" and _gpu_name() is None:
         print(
             "bench: needs a CUDA GPU, and torch sees none here (it measures GPU throughput and memory). "
@@ -1059,37 +1237,45 @@ def run(args: argparse.Namespace, command: str) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     stem = {"train": "bench", "bisect": "max_seq", "qkv": "qkv_bias"}[kind]
-    results = run_cases(cases, settings, args.out, args.cache_dir.expanduser())
-    commands, merged = [command], results
+    earlier: dict[str, Any] = {}
     if args.append and (args.out / f"{stem}.json").is_file():
         # Each invocation can stay short (one shape, say) and still add to one table.
         earlier = json.loads((args.out / f"{stem}.json").read_text())
+    commands = [*earlier.get("commands", []), command]
+    installed = versions()
+
+    def write_reports(
+        results: list[dict[str, Any]],
+    ) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
         fresh = {r["id"] for r in results}
         merged = [r for r in earlier.get("cases", []) if r["id"] not in fresh] + results
-        commands = [*earlier.get("commands", []), command]
-    installed = versions()
-    card = _card(merged, settings)
-    if kind == "train":
-        rows = summarize_train(merged)
-        header, table = TRAIN_HEADER, train_rows(rows)
-    elif kind == "bisect":
-        rows, header, table = list(merged), BISECT_HEADER, bisect_rows(merged)
-    else:
-        rows = summarize_qkv(merged)
-        header, table = QKV_HEADER, qkv_rows(rows)
-    report = {
-        "kind": kind,
-        "commands": commands,
-        "card": card,
-        "versions": installed,
-        "settings": asdict(settings),
-        "lora": {**LORA, "target_modules": list(LORA_TARGETS), "learning_rate": LEARNING_RATE},
-        "flops_formula": FLOPS_FORMULA if kind == "train" else None,
-        "rows": rows,
-        "cases": merged,
-    }
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / f"{stem}.md").write_text(render_markdown(kind, rows, settings, commands, card, installed))
+        card = _card(merged, settings)
+        if kind == "train":
+            rows = summarize_train(merged)
+            header, table = TRAIN_HEADER, train_rows(rows)
+        elif kind == "bisect":
+            rows, header, table = list(merged), BISECT_HEADER, bisect_rows(merged)
+        else:
+            rows = summarize_qkv(merged)
+            header, table = QKV_HEADER, qkv_rows(rows)
+        report = {
+            "kind": kind,
+            "commands": commands,
+            "card": card,
+            "versions": installed,
+            "settings": asdict(settings),
+            "lora": {**LORA, "target_modules": list(LORA_TARGETS), "learning_rate": LEARNING_RATE},
+            "flops_formula": FLOPS_FORMULA if kind == "train" else None,
+            "rows": rows,
+            "cases": merged,
+        }
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+        markdown = render_markdown(kind, rows, settings, commands, card, installed)
+        (args.out / f"{stem}.md").write_text(markdown)
+        return rows, list(header), table
+
+    results = run_cases(cases, settings, args.out, args.cache_dir.expanduser(), on_result=write_reports)
+    rows, header, table = write_reports(results)
     print("\n".join([_table(header, table), *failures(rows)]))
     written = [f"{stem}.json", f"{stem}.md"]
     if kind == "train":
