@@ -49,6 +49,8 @@ Two other modes:
 ``--gpus 0,1,2,3`` runs on several GPUs of one machine at once: the runs of one shape and
 precision (one table row, or one path of a bisection) stay together on one card, in
 order, so every ratio is taken on a single card; rows go to whichever card is free.
+The cards share the host's CPUs and memory bandwidth (Unsloth offloads checkpointed
+activations to host memory), so rows running at once can slow each other a little.
 
 Results go to ``--out``: ``bench.json`` / ``bench.md`` / ``bench.png`` (``max_seq.*``,
 ``qkv_bias.*`` for the other modes), one log per case under ``logs/``. ``--append`` merges
