@@ -647,31 +647,27 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class _Cards:
-    """The GPUs a run may use: one worker thread per card, each taking the next task."""
+def _run_on_cards(gpus: Sequence[str], tasks: Sequence[Callable[[str | None], None]]) -> None:
+    """Run each ``task(gpu)`` on a free card of ``gpus``, as many at once as there are cards;
+    without ``gpus``, one after another on the GPU this process sees (``gpu`` None)."""
+    if len(gpus) < 2:
+        for task in tasks:
+            task(gpus[0] if gpus else None)
+        return
+    free: queue.Queue[str] = queue.Queue()
+    for gpu in gpus:
+        free.put(gpu)
 
-    def __init__(self, gpus: Sequence[str]) -> None:
-        self.gpus: list[str | None] = list(gpus) or [None]  # None: the GPU this process sees
-
-    def run(self, tasks: Sequence[Callable[[str | None], None]]) -> None:
-        if len(self.gpus) == 1:
-            for task in tasks:
-                task(self.gpus[0])
-            return
-        free: queue.Queue[str | None] = queue.Queue()
-        for gpu in self.gpus:
+    def on_a_free_card(task: Callable[[str | None], None]) -> None:
+        gpu = free.get()
+        try:
+            task(gpu)
+        finally:
             free.put(gpu)
 
-        def on_a_free_card(task: Callable[[str | None], None]) -> None:
-            gpu = free.get()
-            try:
-                task(gpu)
-            finally:
-                free.put(gpu)
-
-        with ThreadPoolExecutor(max_workers=len(self.gpus)) as pool:
-            for future in [pool.submit(on_a_free_card, task) for task in tasks]:
-                future.result()
+    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+        for future in [pool.submit(on_a_free_card, task) for task in tasks]:
+            future.result()
 
 
 def _work_dir(out: Path, gpu: str | None) -> Path:
@@ -714,7 +710,7 @@ def prepare_checkpoints(
             ready[name] = (directory, None)
         else:
             tasks.append(functools.partial(build, name, directory))
-    _Cards(settings.gpus).run(tasks)
+    _run_on_cards(settings.gpus, tasks)
     return ready
 
 
@@ -783,7 +779,7 @@ def run_cases(
                 if on_result is not None:
                     on_result([done[c.id] for c in cases if c.id in done])
 
-    _Cards(settings.gpus).run([functools.partial(run_group, group) for group in card_groups(cases)])
+    _run_on_cards(settings.gpus, [functools.partial(run_group, group) for group in card_groups(cases)])
     return [done[c.id] for c in cases]
 
 
