@@ -681,18 +681,20 @@ def test_error_line() -> None:
 
 
 def test_cpu_run_end_to_end_records_hf_and_a_failing_unsloth_worker(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The whole pipeline with real worker processes on CPU (tiny shape, about 25 s).
 
     Unsloth cannot train on CPU, so its worker fails: the run goes on, records the error's
-    last line and exits 1.
+    last line and exits 1. --out and --cache-dir are relative, as the defaults are: workers
+    run in a directory of their own, so the paths they are handed must not be.
     """
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     argv = [
         "--device", "cpu", "--shapes", "tiny-qwen3", "--paths", "hf,unsloth", "--precisions", "bf16",
         "--batch", "1", "--seq-len", "64", "--steps", "2", "--warmup", "1",
-        "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+        "--out", "out", "--cache-dir", "cache",
     ]  # fmt: skip
     assert bench.main(argv) == 1
     captured = capsys.readouterr()

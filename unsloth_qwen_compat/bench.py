@@ -1233,6 +1233,9 @@ def run(args: argparse.Namespace, command: str) -> int:
             file=sys.stderr,
         )
         return 2
+    # Workers run in a directory under --out: every path handed to them must be absolute.
+    args.out = args.out.expanduser().resolve()
+    args.cache_dir = args.cache_dir.expanduser().resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = {"train": "bench", "bisect": "max_seq", "qkv": "qkv_bias"}[kind]
     earlier: dict[str, Any] = {}
@@ -1272,7 +1275,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         (args.out / f"{stem}.md").write_text(markdown)
         return rows, list(header), table
 
-    results = run_cases(cases, settings, args.out, args.cache_dir.expanduser(), on_result=write_reports)
+    results = run_cases(cases, settings, args.out, args.cache_dir, on_result=write_reports)
     rows, header, table = write_reports(results)
     print("\n".join([_table(header, table), *failures(rows)]))
     written = [f"{stem}.json", f"{stem}.md"]
