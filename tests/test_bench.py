@@ -658,6 +658,23 @@ def test_loader_config_differs_between_paths_only_in_use_unsloth() -> None:
         "target_modules": list(bench.LORA_TARGETS),
     }
     assert hf["model"]["gradient_checkpointing"] is True and hf["data"] == {"max_length": 2048}
+    assert hf["model"]["offload_checkpoints"] is True  # Unsloth's own mode unless --checkpointing gpu
+    plain = bench.loader_config({**spec, "path": "shim", "checkpointing": "gpu"})
+    assert plain["model"]["offload_checkpoints"] is False
+
+
+def test_checkpointing_option_reaches_the_specs_and_the_report() -> None:
+    cases, settings = _plan("--qkv-bias-compare", "--checkpointing", "gpu")
+    assert settings.checkpointing == "gpu"
+    spec = bench.case_spec(cases[0], settings, Path("/c"))
+    assert spec["checkpointing"] == "gpu"
+    assert bench.loader_config(spec)["model"]["offload_checkpoints"] is False
+    assert _plan()[1].checkpointing == "offload"
+    row = {"shape": "qwen2.5-1.5b", "precision": "bf16", "checkpointing": "gpu"}
+    assert "activations kept on the card" in bench._checkpointing_text([row], settings)
+    offload = {**row, "checkpointing": "offload"}
+    assert "offloaded to host memory" in bench._checkpointing_text([offload], Settings())
+    assert "differs between the merged runs" in bench._checkpointing_text([row, offload], settings)
 
 
 def test_drop_qkv_bias_removes_every_q_k_v_bias_and_the_model_still_trains() -> None:

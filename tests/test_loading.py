@@ -313,6 +313,17 @@ def test_unsloth_gets_the_same_quantization_and_the_exact_checkpoint() -> None:
     assert "use_exact_model_name" not in older and "device_map" not in older
 
 
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [({}, "unsloth"), ({"offload_checkpoints": False}, True), ({"gradient_checkpointing": False}, False)],
+)
+def test_unsloth_checkpointing_mode_follows_the_config(model: dict, expected: object) -> None:
+    # Unsloth's use_gradient_checkpointing: "unsloth" offloads to host memory, True is plain.
+    kwargs = loading.unsloth_from_pretrained_kwargs(_parsed(**model), torch.bfloat16, None, None, [])
+    mode = kwargs["use_gradient_checkpointing"]
+    assert mode == expected and type(mode) is type(expected)  # True, not "unsloth" or 1
+
+
 @requires_unsloth
 def test_installed_unsloth_accepts_the_loader_arguments() -> None:
     # Its real (GPU) loader, imported on CPU: the argument names the loader relies on still exist.
@@ -617,6 +628,16 @@ def fake_unsloth(monkeypatch: pytest.MonkeyPatch) -> _RecordingFastLanguageModel
     monkeypatch.setattr(loading, "unsloth_unavailable_reason", lambda env=None: None)
     monkeypatch.setattr(loading, "_unsloth_fuses_dropout", lambda: False)
     return fake
+
+
+def test_unsloth_path_keeps_checkpoints_on_the_card_when_asked(
+    checkpoint: Path, fake_unsloth: _RecordingFastLanguageModel
+) -> None:
+    config = _config(checkpoint, use_unsloth=True, offload_checkpoints=False)
+    model, _ = load_base_model(config)
+    attach_lora(model, config)
+    (_, loaded), (_, adapted) = fake_unsloth.calls[:2]
+    assert loaded["use_gradient_checkpointing"] is True and adapted["use_gradient_checkpointing"] is True
 
 
 def test_unsloth_path_calls(checkpoint: Path, fake_unsloth: _RecordingFastLanguageModel) -> None:

@@ -51,6 +51,8 @@ precision (one table row, or one path of a bisection) stay together on one card,
 order, so every ratio is taken on a single card; rows go to whichever card is free.
 The cards share the host's CPUs and memory bandwidth (Unsloth offloads checkpointed
 activations to host memory), so rows running at once can slow each other a little.
+``--checkpointing gpu`` gives the Unsloth paths plain checkpointing instead (activations
+stay on the card, as on the hf path), which takes host copies out of the step time.
 
 Results go to ``--out``: ``bench.json`` / ``bench.md`` / ``bench.png`` (``max_seq.*``,
 ``qkv_bias.*`` for the other modes), one log per case under ``logs/``. ``--append`` merges
@@ -85,6 +87,9 @@ from . import _env
 
 PATHS = ("hf", "unsloth", "shim")
 PRECISIONS = ("bf16", "qlora")
+#: Gradient checkpointing on the Unsloth paths: Unsloth's own, which keeps the checkpointed
+#: activations in host memory ("offload"), or plain checkpointing on the card ("gpu").
+CHECKPOINTING = ("offload", "gpu")
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0, "bias": "none"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEARNING_RATE = 1e-4
@@ -349,6 +354,7 @@ class Settings:
     seed: int = 0
     rounds: int = 1
     gpus: tuple[str, ...] = ()
+    checkpointing: str = "offload"  # Unsloth paths: "offload" (its "unsloth" mode) or "gpu" (plain)
 
 
 def parse_batch(text: str) -> tuple[int, dict[str, int]]:
@@ -428,6 +434,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpus",
         help="comma-separated CUDA device indices to run on at once, one table row (shape and "
         "precision) per card at a time (default: the one GPU this process sees)",
+    )
+    parser.add_argument(
+        "--checkpointing",
+        choices=CHECKPOINTING,
+        default="offload",
+        help="Unsloth paths' gradient checkpointing: offload (Unsloth's own, activations in host memory; "
+        "default) or gpu (plain, activations stay on the card); hf always keeps them on the card",
     )
     parser.add_argument("--bisect-low", type=int, default=1024, help="--max-seq-bisect: shortest length")
     parser.add_argument("--bisect-high", type=int, default=131072, help="--max-seq-bisect: upper bound")
@@ -519,6 +532,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
         case_timeout=args.case_timeout,
         rounds=args.rounds,
         gpus=gpus,
+        checkpointing=args.checkpointing,
     )
     cases: list[Case] = []
     for shape in shapes:
@@ -553,6 +567,7 @@ def loader_config(spec: Mapping[str, Any]) -> dict[str, Any]:
             "dtype": "bfloat16",
             "attn_implementation": "sdpa",
             "gradient_checkpointing": True,
+            "offload_checkpoints": spec.get("checkpointing", "offload") == "offload",
         },
         "data": {"max_length": spec["seq_len"]},
         "lora": {**LORA, "target_modules": list(LORA_TARGETS)},
@@ -723,6 +738,7 @@ def case_spec(case: Case, settings: Settings, checkpoint: Path) -> dict[str, Any
         "warmup": settings.warmup,
         "device": settings.device,
         "seed": settings.seed,
+        "checkpointing": settings.checkpointing,
         "bisect": {"low": settings.bisect_low, "high": settings.bisect_high, "step": settings.bisect_step},
     }
 
@@ -787,9 +803,14 @@ def _case_settings(case: Case, settings: Settings) -> dict[str, Any]:
     """The settings a case ran with, kept on its result (runs merged with --append may differ)."""
     if case.mode == "bisect":
         return {
-            "bisect": {"low": settings.bisect_low, "high": settings.bisect_high, "step": settings.bisect_step}
+            "bisect": {
+                "low": settings.bisect_low,
+                "high": settings.bisect_high,
+                "step": settings.bisect_step,
+            },
+            "checkpointing": settings.checkpointing,
         }
-    return {"warmup": settings.warmup, "steps": settings.steps}
+    return {"warmup": settings.warmup, "steps": settings.steps, "checkpointing": settings.checkpointing}
 
 
 def _outcome_words(result: Mapping[str, Any]) -> str:
@@ -947,7 +968,7 @@ def summarize_qkv(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "seq_len": runs[0]["seq_len"],
         }
         failed = [r for r in runs if r.get("status") != "ok"]
-        row.update({k: runs[0][k] for k in ("warmup", "steps") if k in runs[0]})
+        row.update({k: runs[0][k] for k in ("warmup", "steps", "checkpointing") if k in runs[0]})
         row["runs"] = {r["id"]: r.get("median_step_s") for r in runs}
         row["qkv_forward"] = {r["id"]: r.get("apply_qkv") for r in runs}
         shim_run = next((r for r in runs if r["label"] == "shim"), {})
@@ -1070,7 +1091,7 @@ def render_markdown(
         + ", ".join(f"{name} {version or 'not installed'}" for name, version in installed.items()),
         *(f"- command: `{command}`" for command in commands),
         "- random-weight checkpoints of Qwen's published shapes; random token ids; LoRA r=16, alpha=16, "
-        "dropout 0 on q/k/v/o/gate/up/down; gradient checkpointing on; AdamW lr 1e-4; "
+        f"dropout 0 on q/k/v/o/gate/up/down; {_checkpointing_text(rows, settings)}; AdamW lr 1e-4; "
         "qlora = 4-bit NF4, double quant, bf16 compute; each run in a process of its own; "
         "PYTORCH_ALLOC_CONF=expandable_segments:True for every path (Unsloth sets it on import)",
     ]
@@ -1134,6 +1155,15 @@ def _steps_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
         return "warm-up and timed steps differ between the merged runs (see each case in the JSON)"
     warmup, steps = used.pop()
     return f"{_count(warmup, 'warm-up step')}, then the median of {_count(steps, 'timed step')}"
+
+
+def _checkpointing_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
+    used = {r["checkpointing"] for r in rows if "checkpointing" in r} or {settings.checkpointing}
+    if len(used) > 1:
+        return "gradient checkpointing on, its mode differs between the merged runs (see the JSON)"
+    if used.pop() == "gpu":
+        return "gradient checkpointing on, activations kept on the card on every path (Unsloth: plain mode)"
+    return "gradient checkpointing on (Unsloth paths: Unsloth's mode, activations offloaded to host memory)"
 
 
 def _count(number: int, noun: str) -> str:

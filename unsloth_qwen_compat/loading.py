@@ -108,6 +108,10 @@ class ModelSection:
     attn_implementation: str = "sdpa"
     #: On: non-reentrant checkpointing on the HF path, Unsloth's ("unsloth") on Unsloth.
     gradient_checkpointing: bool = True
+    #: Unsloth path only, with checkpointing on: keep the checkpointed activations in host
+    #: memory (Unsloth's "unsloth" mode: least GPU memory) or, off, on the GPU (plain
+    #: checkpointing: no host copies, so the step does not wait on the host).
+    offload_checkpoints: bool = True
     trust_remote_code: bool = False
     revision: str | None = None
 
@@ -364,6 +368,7 @@ class LoadInfo:
     max_length: int | None
     dtype: str
     load_in_4bit: bool
+    offload_checkpoints: bool = True
 
 
 def load_info(model: Any) -> LoadInfo | None:
@@ -464,6 +469,7 @@ def load_base_model(
             max_length=cfg.data.max_length,
             dtype=str(dtype).removeprefix("torch."),
             load_in_4bit=cfg.model.load_in_4bit,
+            offload_checkpoints=cfg.model.offload_checkpoints,
         ),
     )
     if tokenizer.pad_token is None:
@@ -511,6 +517,10 @@ def _load_hf(
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     assert cfg.model.name is not None
+    if not cfg.model.offload_checkpoints:
+        logger.info(
+            "model.offload_checkpoints applies to the Unsloth path only: HF keeps checkpoints on the GPU"
+        )
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name, **kwargs)
     checkpointing_kwargs = {"use_reentrant": False}
     if bnb is not None:
@@ -551,7 +561,9 @@ def unsloth_from_pretrained_kwargs(
         "dtype": dtype,
         "load_in_4bit": bnb is not None,
         "trust_remote_code": cfg.model.trust_remote_code,
-        "use_gradient_checkpointing": "unsloth" if cfg.model.gradient_checkpointing else False,
+        "use_gradient_checkpointing": unsloth_checkpointing(
+            cfg.model.gradient_checkpointing, cfg.model.offload_checkpoints
+        ),
     }
     if cfg.model.revision is not None:
         kwargs["revision"] = cfg.model.revision
@@ -565,6 +577,13 @@ def unsloth_from_pretrained_kwargs(
         # Otherwise Qwen/Qwen3-8B + load_in_4bit loads unsloth/Qwen3-8B-bnb-4bit instead.
         kwargs["use_exact_model_name"] = True
     return kwargs
+
+
+def unsloth_checkpointing(enabled: bool, offload: bool) -> str | bool:
+    """Unsloth's ``use_gradient_checkpointing``: "unsloth" offloads to host memory, True is plain."""
+    if not enabled:
+        return False
+    return "unsloth" if offload else True
 
 
 def _load_unsloth(
@@ -655,7 +674,11 @@ def attach_lora(model: PreTrainedModel, config: Mapping[str, Any] | LoaderConfig
     lora = cfg.lora
     info = load_info(model)
     framework = framework_of(model)
-    checkpointing = info.gradient_checkpointing if info else cfg.model.gradient_checkpointing
+    checkpointing = (
+        unsloth_checkpointing(info.gradient_checkpointing, info.offload_checkpoints)
+        if info
+        else unsloth_checkpointing(cfg.model.gradient_checkpointing, cfg.model.offload_checkpoints)
+    )
     targets = lora_targets_for(model, lora)
     dtype = info.dtype if info else None
     if framework == UNSLOTH:
@@ -673,7 +696,7 @@ def attach_lora(model: PreTrainedModel, config: Mapping[str, Any] | LoaderConfig
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             bias=lora.bias,
-            use_gradient_checkpointing="unsloth" if checkpointing else False,
+            use_gradient_checkpointing=checkpointing,
             random_state=lora.seed,
             use_rslora=lora.use_rslora,
             max_seq_length=info.max_length if info and info.max_length else cfg.data.max_length or 2048,
