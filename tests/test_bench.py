@@ -649,7 +649,7 @@ def test_worker_environment_per_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_loader_config_differs_between_paths_only_in_use_unsloth() -> None:
-    spec = {"checkpoint": "/c", "precision": "qlora", "seq_len": 2048}
+    spec = {"checkpoint": "/c", "precision": "qlora", "seq_len": 2048, "checkpointing": "offload"}
     hf, unsloth = (bench.loader_config({**spec, "path": p}) for p in ("hf", "unsloth"))
     assert hf["model"].pop("use_unsloth") is False and unsloth["model"].pop("use_unsloth") is True
     assert hf == unsloth

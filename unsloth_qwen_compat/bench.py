@@ -567,7 +567,7 @@ def loader_config(spec: Mapping[str, Any]) -> dict[str, Any]:
             "dtype": "bfloat16",
             "attn_implementation": "sdpa",
             "gradient_checkpointing": True,
-            "offload_checkpoints": spec.get("checkpointing", "offload") == "offload",
+            "offload_checkpoints": spec["checkpointing"] == "offload",
         },
         "data": {"max_length": spec["seq_len"]},
         "lora": {**LORA, "target_modules": list(LORA_TARGETS)},
@@ -734,12 +734,9 @@ def case_spec(case: Case, settings: Settings, checkpoint: Path) -> dict[str, Any
         **asdict(case),
         "id": case.id,
         "checkpoint": str(checkpoint),
-        "steps": settings.steps,
-        "warmup": settings.warmup,
         "device": settings.device,
         "seed": settings.seed,
-        "checkpointing": settings.checkpointing,
-        "bisect": {"low": settings.bisect_low, "high": settings.bisect_high, "step": settings.bisect_step},
+        **_case_settings(case, settings),
     }
 
 
@@ -800,16 +797,11 @@ def run_cases(
 
 
 def _case_settings(case: Case, settings: Settings) -> dict[str, Any]:
-    """The settings a case ran with, kept on its result (runs merged with --append may differ)."""
+    """The settings a case runs with: handed to its worker and kept on its result (runs merged
+    with --append may differ)."""
     if case.mode == "bisect":
-        return {
-            "bisect": {
-                "low": settings.bisect_low,
-                "high": settings.bisect_high,
-                "step": settings.bisect_step,
-            },
-            "checkpointing": settings.checkpointing,
-        }
+        bounds = {"low": settings.bisect_low, "high": settings.bisect_high, "step": settings.bisect_step}
+        return {"bisect": bounds, "checkpointing": settings.checkpointing}
     return {"warmup": settings.warmup, "steps": settings.steps, "checkpointing": settings.checkpointing}
 
 

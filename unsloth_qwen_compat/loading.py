@@ -674,11 +674,7 @@ def attach_lora(model: PreTrainedModel, config: Mapping[str, Any] | LoaderConfig
     lora = cfg.lora
     info = load_info(model)
     framework = framework_of(model)
-    checkpointing = (
-        unsloth_checkpointing(info.gradient_checkpointing, info.offload_checkpoints)
-        if info
-        else unsloth_checkpointing(cfg.model.gradient_checkpointing, cfg.model.offload_checkpoints)
-    )
+    loaded = info or cfg.model  # what the model was loaded with, where it was recorded
     targets = lora_targets_for(model, lora)
     dtype = info.dtype if info else None
     if framework == UNSLOTH:
@@ -696,7 +692,9 @@ def attach_lora(model: PreTrainedModel, config: Mapping[str, Any] | LoaderConfig
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             bias=lora.bias,
-            use_gradient_checkpointing=checkpointing,
+            use_gradient_checkpointing=unsloth_checkpointing(
+                loaded.gradient_checkpointing, loaded.offload_checkpoints
+            ),
             random_state=lora.seed,
             use_rslora=lora.use_rslora,
             max_seq_length=info.max_length if info and info.max_length else cfg.data.max_length or 2048,
