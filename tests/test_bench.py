@@ -296,7 +296,9 @@ def test_longest_fitting_ends() -> None:
     probed, fits = _counting(100)
     assert bench.longest_fitting(fits, 1024, 131072, 1024) is None
     assert probed == [1024]
-    assert bench.longest_fitting(lambda n: True, 2048, 2048, 1024) == 2048
+    probed, fits = _counting(10**9)
+    assert bench.longest_fitting(fits, 2048, 2048, 1024) == 2048
+    assert probed == [2048]  # one candidate, one probe
     with pytest.raises(ValueError):
         bench.longest_fitting(lambda n: True, 4096, 1024, 1024)
 
@@ -730,6 +732,9 @@ def test_cpu_run_end_to_end_records_hf_and_a_failing_unsloth_worker(
     assert len(hf["step_seconds"]) == 2 and hf["tokens_per_s"] > 0
     assert all(math.isfinite(loss) and loss > 0 for loss in hf["losses"])
     assert hf["trainable_params"] == bench.lora_params(SHAPES["tiny-qwen3"])
+    # Every layer's attention of the 3 steps went through the watched SDPA call, in bf16.
+    assert sum(hf["sdpa_inputs"].values()) >= 3 * SHAPES["tiny-qwen3"].num_hidden_layers, hf["sdpa_inputs"]
+    assert all(kind.startswith("bfloat16 ") for kind in hf["sdpa_inputs"]), hf["sdpa_inputs"]
     assert unsloth["status"] == "failed"
     assert unsloth["error"].startswith("UnslothUnavailableError: model.use_unsloth is true but no CUDA GPU")
     assert report["commands"][0].startswith("python -m unsloth_qwen_compat bench --device cpu")

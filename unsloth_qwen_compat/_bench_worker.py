@@ -150,6 +150,32 @@ def qkv_forward(model: Any) -> dict[str, int]:
     return dict(names)
 
 
+def watch_sdpa() -> Counter[str]:
+    """Count the kinds of input transformers hands ``torch.nn.functional.scaled_dot_product_attention``.
+
+    PyTorch picks its kernel silently: fp32 queries rule out flash attention, and with
+    ``enable_gqa`` the memory-efficient kernel too, leaving the math kernel, whose memory
+    grows with the square of the length. This says which case a run was in. transformers
+    looks the function up on every call, so replacing the module attribute sees them all.
+    """
+    import torch.nn.functional as F
+
+    seen: Counter[str] = Counter()
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        mask = kwargs.get("attn_mask", args[0] if args else None)
+        seen[
+            f"{str(query.dtype).removeprefix('torch.')}"
+            f" gqa={bool(kwargs.get('enable_gqa', False))}"
+            f" mask={'none' if mask is None else str(mask.dtype).removeprefix('torch.')}"
+        ] += 1
+        return sdpa(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = recording
+    return seen
+
+
 def _step(model: Any, optimizer: Any, ids: Any) -> float:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -200,10 +226,14 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         ids = torch.randint(0, shape.vocab_size, (spec["batch"], length), generator=generator)
         return ids.to(device)
 
+    # Unsloth's attention does not go through transformers' SDPA call: watched on hf only.
+    sdpa_inputs = watch_sdpa() if spec["path"] == "hf" else None
     if spec["mode"] == "bisect":
         result.update(_bisect(spec, model, optimizer, random_ids, cuda))
     else:
         result.update(_timed_steps(spec, model, optimizer, random_ids, cuda))
+    if sdpa_inputs is not None:
+        result["sdpa_inputs"] = dict(sdpa_inputs)
     return result
 
 

@@ -281,6 +281,8 @@ def longest_fitting(fits: Callable[[int], bool], low: int, high: int, step: int)
     if not fits(low):
         return None
     good, bad = 0, (high - low) // step  # indices into the candidates: good fits, bad unknown
+    if bad == 0:  # one candidate (low == high): a probe there can take minutes, so only once
+        return low
     if fits(low + bad * step):
         return low + bad * step
     while bad - good > 1:
