@@ -260,6 +260,7 @@ def _timed_steps(
         losses.append(loss)
         _log(
             f"step {step} {'warm-up' if step < spec['warmup'] else 'timed'}: {seconds[-1]:.4f} s, loss {loss:.4f}"
+            f" (ended at {time.time():.2f}, to line up with other processes' logs)"
         )
         if not math.isfinite(loss):
             raise RuntimeError(f"loss is {loss} at step {step}")
