@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -730,6 +731,8 @@ def test_cpu_run_end_to_end_records_hf_and_a_failing_unsloth_worker(
     assert hf["status"] == "ok", hf
     assert hf["unsloth_imported"] is False and hf["unsloth_mode"] == "missing"
     assert len(hf["step_seconds"]) == 2 and hf["tokens_per_s"] > 0
+    first, second = hf["step_ended_at"]
+    assert 0 < second - first < 60 and abs(first - time.time()) < 600
     assert all(math.isfinite(loss) and loss > 0 for loss in hf["losses"])
     assert hf["trainable_params"] == bench.lora_params(SHAPES["tiny-qwen3"])
     # Every layer's attention of the 3 steps went through the watched SDPA call, in bf16.

@@ -244,7 +244,7 @@ def _timed_steps(
 
     from unsloth_qwen_compat import bench
 
-    seconds, losses = [], []
+    seconds, losses, ended_at = [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
         if step == spec["warmup"] and cuda:
             torch.cuda.synchronize()
@@ -257,10 +257,11 @@ def _timed_steps(
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
+        ended_at.append(round(time.time(), 3))
         losses.append(loss)
         _log(
             f"step {step} {'warm-up' if step < spec['warmup'] else 'timed'}: {seconds[-1]:.4f} s, loss {loss:.4f}"
-            f" (ended at {time.time():.2f}, to line up with other processes' logs)"
+            f" (ended at {ended_at[-1]:.2f})"
         )
         if not math.isfinite(loss):
             raise RuntimeError(f"loss is {loss} at step {step}")
@@ -269,6 +270,8 @@ def _timed_steps(
     tokens = spec["batch"] * spec["seq_len"]
     return {
         "step_seconds": timed,
+        # Unix time each timed step ended: lines steps up with other processes and GPU telemetry.
+        "step_ended_at": ended_at[spec["warmup"] :],
         "warmup_seconds": seconds[: spec["warmup"]],
         "losses": losses,
         "median_step_s": median,
