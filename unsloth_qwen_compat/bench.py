@@ -1199,8 +1199,9 @@ def write_png(rows: Sequence[Mapping[str, Any]], path: Path) -> str | None:
         axis.set_xticklabels([f"{s}\n{p}" for s, p in groups], fontsize=8)
         axis.set_ylabel(label)
         axis.set_title(label)
-    axes[0].legend()
-    figure.tight_layout()
+    # Above both plots: inside one, the legend covers the tallest bars.
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=len(paths))
+    figure.tight_layout(rect=(0, 0, 1, 0.92))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return None
