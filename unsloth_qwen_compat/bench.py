@@ -1030,7 +1030,7 @@ def qkv_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
             gap = statistics.fmean(row["stock_s"]) - row["bound_s"]
             verdict = (
                 f"not resolved: runs of one label differ by up to {row['run_spread_s']:.4f} s, stock - bound "
-                f"is {gap:+.4f} s (more --rounds, or --checkpointing gpu)"
+                f"is {gap:+.4f} s (a larger --batch, so the host stays ahead of the card, or more --rounds)"
             )
         elif closed is None:
             verdict = "n/a (bound not faster)"
