@@ -98,6 +98,15 @@ def test_qkv_bias_compare_runs_stock_shim_bound_stock_in_that_order() -> None:
     assert len({c.id for c in cases}) == len(cases)  # every run has its own log and result file
 
 
+def test_qkv_bias_compare_batch_is_12_at_the_small_shape_unless_given() -> None:
+    cases, _ = _plan("--qkv-bias-compare")
+    assert {(c.shape, c.batch) for c in cases} == {("qwen2.5-1.5b", 12), ("qwen2.5-7b", 4)}
+    cases, _ = _plan("--qkv-bias-compare", "--batch", "4")  # an explicit --batch replaces it
+    assert {c.batch for c in cases} == {4}
+    cases, _ = _plan("--shapes", "qwen2.5-1.5b")  # the main table keeps batch 4
+    assert {c.batch for c in cases} == {4}
+
+
 def test_qkv_rounds_alternate_the_order_so_drift_falls_on_every_label() -> None:
     cases, settings = _plan(
         "--qkv-bias-compare", "--shapes", "qwen2.5-1.5b", "--precisions", "bf16", "--rounds", "2"
