@@ -50,10 +50,11 @@ Two other modes:
 ``--gpus 0,1,2,3`` runs on several GPUs of one machine at once: the runs of one shape and
 precision (one table row, or one path of a bisection) stay together on one card, in
 order, so every ratio is taken on a single card; rows go to whichever card is free.
-The cards share the host's CPUs and memory bandwidth (Unsloth offloads checkpointed
-activations to host memory), so rows running at once can slow each other a little.
-``--checkpointing gpu`` gives the Unsloth paths plain checkpointing instead (activations
-stay on the card, as on the hf path), which takes host copies out of the step time.
+The cards share the host, so rows running at once can slow each other a little.
+``--checkpointing gpu`` gives the Unsloth paths plain checkpointing instead of Unsloth's
+offload of checkpointed activations to host memory (they stay on the card, as on the hf
+path). Small shapes at batch 4 are noisy either way: a step is short enough that the card
+waits on the host; a larger ``--batch`` steadies them.
 
 Results go to ``--out``: ``bench.json`` / ``bench.md`` / ``bench.png`` (``max_seq.*``,
 ``qkv_bias.*`` for the other modes), one log per case under ``logs/``. ``--append`` merges
@@ -282,9 +283,8 @@ def longest_fitting(fits: Callable[[int], bool], low: int, high: int, step: int)
     if not fits(low):
         return None
     good, bad = 0, (high - low) // step  # indices into the candidates: good fits, bad unknown
-    if bad == 0:  # one candidate (low == high): a probe there can take minutes, so only once
-        return low
-    if fits(low + bad * step):
+    # With one candidate (low == high) the top is low itself, already probed: a probe can take minutes.
+    if bad and fits(low + bad * step):
         return low + bad * step
     while bad - good > 1:
         middle = (good + bad) // 2

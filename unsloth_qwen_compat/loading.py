@@ -110,7 +110,7 @@ class ModelSection:
     gradient_checkpointing: bool = True
     #: Unsloth path only, with checkpointing on: keep the checkpointed activations in host
     #: memory (Unsloth's "unsloth" mode: least GPU memory) or, off, on the GPU (plain
-    #: checkpointing: no host copies, so the step does not wait on the host).
+    #: checkpointing: no host copies, more GPU memory; same losses, measured).
     offload_checkpoints: bool = True
     trust_remote_code: bool = False
     revision: str | None = None
