@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -504,9 +505,6 @@ def test_every_mode_reports_what_its_workers_returned(
 def test_gpus_run_rows_at_once_each_rows_runs_on_one_card_in_order(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import threading
-    import time
-
     calls: list[tuple[str, str | None, str]] = []
     lock = threading.Lock()
     both_busy = threading.Event()
