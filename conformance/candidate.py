@@ -100,6 +100,34 @@ def load(
 REFUSED = "refused by unsloth_qwen_compat"
 
 
+def load_or_refusal(spec: ModelSpec, max_seq_length: int, dtype: str):
+    """(model, tokenizer, None), or (None, None, the shim's refusal message)."""
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(zoo.model_dir(spec)),
+            max_seq_length=max_seq_length,
+            dtype=TORCH_DTYPES[dtype],
+            load_in_4bit=False,
+        )
+    except Exception as error:
+        refusal = getattr(shim, "UnsupportedConfigurationError", None)
+        if refusal is not None and isinstance(error, refusal):
+            return None, None, str(error)
+        raise
+    return model, tokenizer, None
+
+
+def shim_active() -> bool:
+    """The shim is installed and enabled in this process (the candidate is not stock Unsloth)."""
+    return shim is not None and not SHIM_DISABLED
+
+
+def unsloth_version() -> str | None:
+    from conformance import versions
+
+    return versions.package_version("unsloth")
+
+
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -38,7 +38,7 @@ FAMILIES = {
     "lora": "LoRA loss and gradients vs HF + PEFT at the same init",
     "generate": "greedy generation: KV cache == no cache == HF, single and left-padded batch",
     "quant4": "Unsloth 4-bit vs HF bitsandbytes NF4, and 4-bit vs bf16 (GPU only)",
-    "rope": "YaRN logits past original_max_position_embeddings, max_seq_length within and beyond",
+    "rope": "RoPE: YaRN past the original window, and the grid of every type x window x family",
     "chat_template": "Qwen chat template rendering and token ids",
     "adapter": "LoRA adapter save and reload (candidate and HF PeftModel)",
     "lora_targets": "a target_modules name matching nothing is an error, not a smaller adapter",
@@ -120,7 +120,7 @@ def oracle(pytestconfig, settings) -> oracle_client.Oracle:
     skip = candidate.nf4_skip_modules()
     batch = []
     for family, name in sorted(getattr(pytestconfig, "_conformance_needed", ())):
-        batch += plan.for_family(family, zoo.BY_NAME[name], settings.dtype, settings.device, skip)
+        batch += plan.for_family(family, zoo.by_name(name), settings.dtype, settings.device, skip)
     if batch:
         client.fetch(batch)
     yield client

@@ -44,9 +44,11 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 def _load_model(request: dict):
     from transformers import AutoModelForCausalLM
 
-    path = zoo.model_dir(zoo.BY_NAME[request["model"]])
+    path = zoo.model_dir(zoo.by_name(request["model"]))
     dtype = DTYPES[request["dtype"]]
     kwargs = dict(_dtype_kwarg(dtype), attn_implementation="eager")
+    if request.get("rope"):  # the RoPE a candidate says it computes, on the same weights
+        kwargs["config"] = _rope_config(path, request["rope"])
     quant = request.get("quantization")
     if quant:
         from transformers import BitsAndBytesConfig
@@ -69,10 +71,35 @@ def _load_model(request: dict):
     return model
 
 
+def _rope_config(path, rope: dict):
+    from transformers import AutoConfig
+
+    from conformance import rope_grid
+
+    return rope_grid.apply_rope(
+        AutoConfig.from_pretrained(path), rope["scaling"], rope["theta"], rope["max_position_embeddings"]
+    )
+
+
+def run_rope_facts(request: dict, job: dict) -> dict:
+    """What transformers says about a grid cell: does the checkpoint's RoPE change with the
+    sequence length within ``seq_len``, and does the candidate's exposed RoPE equal it."""
+    from transformers import AutoConfig
+
+    from conformance import rope_grid
+
+    path = zoo.model_dir(zoo.by_name(request["model"]))
+    checkpoint = AutoConfig.from_pretrained(path)
+    facts = {"length_dependent": rope_grid.length_dependent(checkpoint, request["seq_len"])}
+    if request.get("rope"):
+        facts["exposed_same"] = rope_grid.same_rope(checkpoint, _rope_config(path, request["rope"]))
+    return facts
+
+
 def _tokenizer(request: dict):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(zoo.model_dir(zoo.BY_NAME[request["model"]]))
+    return AutoTokenizer.from_pretrained(zoo.model_dir(zoo.by_name(request["model"])))
 
 
 def quantized_module_names(model) -> list[str]:
@@ -248,7 +275,7 @@ def _ids(encoded) -> list[int]:
 
 def run_chat(request: dict, job: dict) -> dict:
     tokenizer = _tokenizer(request)
-    published = zoo_tokenizer.published_template(zoo.BY_NAME[request["model"]].family)
+    published = zoo_tokenizer.published_template(zoo.by_name(request["model"]).family)
     variants = (
         [{"enable_thinking": True}, {"enable_thinking": False}] if request["thinking_variants"] else [{}]
     )
@@ -268,7 +295,13 @@ def run_chat(request: dict, job: dict) -> dict:
     return {"template": tokenizer.chat_template, "published": published, "variants": rendered}
 
 
-HANDLERS = {"forward": run_forward, "lora": run_lora, "generate": run_generate, "chat": run_chat}
+HANDLERS = {
+    "forward": run_forward,
+    "lora": run_lora,
+    "generate": run_generate,
+    "chat": run_chat,
+    "rope_facts": run_rope_facts,
+}
 
 
 def main(jobs_path: str) -> int:
@@ -277,7 +310,7 @@ def main(jobs_path: str) -> int:
     jobs = json.loads(open(jobs_path, encoding="utf-8").read())
     for job in jobs:
         request = job["request"]
-        zoo.build(zoo.BY_NAME[request["model"]])  # normally already built by the client
+        zoo.build(zoo.by_name(request["model"]))  # normally already built by the client
         start = time.perf_counter()
         result = HANDLERS[request["kind"]](request, job)
         tmp = job["out"] + ".tmp"

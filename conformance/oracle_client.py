@@ -62,7 +62,7 @@ def _run(args: list[str], log_name: str) -> float:
 
 def ensure_zoo(names: set[str]) -> None:
     """Build missing zoo models in a process that never imports Unsloth."""
-    missing = sorted(n for n in names if not zoo.is_built(zoo.BY_NAME[n]))
+    missing = sorted(n for n in names if not zoo.is_built(zoo.by_name(n)))
     if missing:
         elapsed = _run(["-m", "conformance.zoo", *missing], "zoo")
         print(f"[conformance] built zoo models {missing} in {elapsed:.1f}s", file=sys.stderr)
@@ -76,7 +76,7 @@ class Oracle:
         self._env = versions.collect()
 
     def key(self, request: dict) -> str:
-        spec = zoo.BY_NAME[request["model"]]
+        spec = zoo.by_name(request["model"])
         material = {
             "format": ORACLE_FORMAT,
             "request": request,

@@ -56,6 +56,17 @@ def forward(spec: ModelSpec, dtype: str, device: str, seq_len: int = FORWARD_LEN
     return {**_base("forward", spec, dtype, device), "seq_len": seq_len, "seed": seed}
 
 
+def rope_forward(cell, dtype: str, device: str, rope: dict | None = None) -> dict:
+    """Logits of ``max_seq_length`` tokens of a RoPE-grid cell, on the checkpoint's config or,
+    given ``rope`` (scaling, theta, max_position_embeddings), on that RoPE."""
+    request = forward(cell.spec, dtype, device, seq_len=cell.max_seq_length, seed=5)
+    return {**request, "rope": rope} if rope else request
+
+
+def rope_facts(cell, rope: dict | None) -> dict:
+    return {**_base("rope_facts", cell.spec, "na", "cpu"), "seq_len": cell.max_seq_length, "rope": rope}
+
+
 def lora(spec: ModelSpec, dtype: str, device: str) -> dict:
     return {
         **_base("lora", spec, dtype, device),

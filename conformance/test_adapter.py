@@ -73,7 +73,7 @@ def saved_adapters(needed_models, settings, oracle) -> dict:
             saved[spec.name] = error
     good = [(n, s) for n, s in saved.items() if not isinstance(s, _MODEL_OUTCOMES)]
     requests = [
-        plan.adapter_forward(zoo.BY_NAME[n], settings.dtype, settings.device, s["dir"], s["hash"])
+        plan.adapter_forward(zoo.by_name(n), settings.dtype, settings.device, s["dir"], s["hash"])
         for n, s in good
     ]
     for (_, entry), result in zip(good, oracle.fetch(requests) if requests else []):

@@ -77,8 +77,14 @@ ROPES = ("plain", "yarn")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # qwen2 | qwen3 | qwen3_moe (the config's model_type)
-    rope: str  # plain | yarn
+    family: str  # the config's model_type: qwen2 | qwen3 | qwen3_moe (llama | mistral: RoPE-grid controls)
+    rope: str  # plain | yarn | grid-<rope type> (conformance/rope_grid.py)
+    #: RoPE-grid models only: the scaling (JSON, rope_type included; "" for plain RoPE), the
+    #: base, the window, and longrope's original window as transformers 4 reads it (top level).
+    scaling_json: str = ""
+    theta: float = ROPE_THETA
+    max_positions: int = 0
+    top_level_original: int = 0
 
     @property
     def name(self) -> str:
@@ -89,16 +95,38 @@ class ModelSpec:
 
     @property
     def max_position_embeddings(self) -> int:
+        if self.max_positions:
+            return self.max_positions
         return YARN_MAX_POSITIONS if self.rope == "yarn" else PLAIN_MAX_POSITIONS
 
     @property
     def original_max_position_embeddings(self) -> int | None:
         return YARN["original_max_position_embeddings"] if self.rope == "yarn" else None
 
+    @property
+    def scaling(self) -> dict | None:
+        if self.rope == "yarn":
+            return {"rope_type": "yarn", **YARN}
+        return json.loads(self.scaling_json) if self.scaling_json else None
+
+    @property
+    def tokenizer_family(self) -> str:
+        """Control families (llama, mistral) borrow the qwen2 tokenizer: only logits are compared."""
+        return self.family if self.family in zoo_tokenizer.TEMPLATE_FILES else "qwen2"
+
 
 ZOO = tuple(ModelSpec(f, r) for f in FAMILIES for r in ROPES)
 BY_NAME = {spec.name: spec for spec in ZOO}
 YARN_MODELS = tuple(spec for spec in ZOO if spec.rope == "yarn")
+
+
+def by_name(name: str) -> ModelSpec:
+    """A zoo model by name: the fixed zoo, or a model of the RoPE grid."""
+    if name in BY_NAME:
+        return BY_NAME[name]
+    from conformance import rope_grid
+
+    return rope_grid.models()[name]
 
 
 def transformers_major() -> int:
@@ -118,7 +146,7 @@ def _key(spec: ModelSpec) -> str:
         "yarn": YARN,
         "std": [WEIGHT_STD, NORM_JITTER, SEED],
         "tokenizer": [zoo_tokenizer.BPE_VOCAB_SIZE, zoo_tokenizer.CORPUS],
-        "template": zoo_tokenizer.published_template(spec.family),
+        "template": zoo_tokenizer.published_template(spec.tokenizer_family),
         "transformers": metadata.version("transformers"),
         "tokenizers": metadata.version("tokenizers"),
     }
@@ -140,15 +168,14 @@ def files_hash(spec: ModelSpec) -> str:
 
 def rope_config_kwargs(spec: ModelSpec) -> dict:
     """RoPE settings spelled the way the installed transformers reads them."""
-    scaling = {"rope_type": "yarn", **YARN} if spec.rope == "yarn" else None
+    scaling = spec.scaling
+    extra = {"original_max_position_embeddings": spec.top_level_original} if spec.top_level_original else {}
     if transformers_major() >= 5:
         # v5 keeps theta and scaling together in rope_parameters.
-        params = {"rope_type": "default", "rope_theta": ROPE_THETA}
-        if scaling:
-            params = {**scaling, "rope_theta": ROPE_THETA}
-        return {"rope_parameters": params}
+        params = {"rope_type": "default", **(scaling or {}), "rope_theta": spec.theta}
+        return {"rope_parameters": params, **extra}
     # v4: theta at top level, scaling in rope_scaling (Qwen's published configs use "rope_type").
-    return {"rope_theta": ROPE_THETA, "rope_scaling": scaling}
+    return {"rope_theta": spec.theta, "rope_scaling": scaling, **extra}
 
 
 def make_config(spec: ModelSpec, tokenizer):
@@ -168,6 +195,8 @@ def make_config(spec: ModelSpec, tokenizer):
     )
     if spec.family in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = HEAD_DIM
+    if spec.family == "mistral":
+        kwargs["sliding_window"] = None
     if spec.family == "qwen3_moe":
         kwargs.update(MOE_SHAPE)
     return AutoConfig.for_model(spec.family, **kwargs)
@@ -195,7 +224,7 @@ def build(spec: ModelSpec) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = zoo_tokenizer.build_tokenizer(spec.family)
+    tokenizer = zoo_tokenizer.build_tokenizer(spec.tokenizer_family)
     config = make_config(spec, tokenizer)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, **_fp32_kwarg())
@@ -230,5 +259,5 @@ def _hash_files(directory: Path) -> str:
 
 
 if __name__ == "__main__":
-    for spec in ZOO if len(sys.argv) < 2 else [BY_NAME[n] for n in sys.argv[1:]]:
+    for spec in ZOO if len(sys.argv) < 2 else [by_name(n) for n in sys.argv[1:]]:
         print(spec.name, build(spec))

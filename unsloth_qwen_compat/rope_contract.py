@@ -94,14 +94,15 @@ def with_rope(config: Any, scaling: Mapping[str, Any] | None, max_position_embed
     """A copy of ``config`` with this RoPE scaling and window, spelled as its transformers reads it."""
     out = copy.deepcopy(config)
     out.max_position_embeddings = int(max_position_embeddings)
-    theta = rope_theta_of(config)
     scaling = dict(scaling or {})
+    theta = float(scaling.pop("rope_theta", rope_theta_of(config)))
     if "type" in scaling:  # v4's old spelling of the key
         scaling.setdefault("rope_type", scaling.pop("type"))
     if isinstance(getattr(config, "rope_parameters", None), Mapping):  # transformers 5
         out.rope_parameters = {"rope_type": "default", **scaling, "rope_theta": theta}
     else:
-        out.rope_scaling = scaling or None
+        out.rope_scaling = scaling if scaling.get("rope_type", "default") != "default" else None
+        out.rope_theta = theta
     return out
 
 

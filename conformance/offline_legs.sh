@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Run the conformance suite (or part of it) on several legs at once, stock Unsloth and the
+# shim side by side, on a GPU machine with no network and the CUDA torch already installed.
+#
+#   conformance/offline_legs.sh REPORT_ROOT LEG[:DTYPE] ... [-- PYTEST_ARGS]
+#   e.g. conformance/offline_legs.sh /tmp/reports 2026.10 2025.10 2025.3:bf16 -- -m rope
+#
+# Wheels: .whl-common/ (shared runtime packages) and .whl-<LEG>/ (the leg's pins, as tox.ini
+# lists them; a skip.txt there names common packages that leg must not get). Each leg is
+# installed with --no-deps into its own folder, put first on PYTHONPATH, so its transformers
+# shadows the machine's while torch comes from the machine. Each run gets its own working
+# directory (Unsloth writes a compile cache there) and REPORT_ROOT/<LEG>/<stock|shim>/.
+set -uo pipefail
+root=$(mkdir -p "$1" && cd "$1" && pwd)
+shift
+legs=()
+while [[ $# -gt 0 && $1 != "--" ]]; do legs+=("$1"); shift; done
+[[ ${1:-} == "--" ]] && shift
+repo=$(cd "$(dirname "$0")/.." && pwd)
+pids=()
+
+launch() {  # LEG MODE DTYPE SITE MUTATION PYTEST_ARGS...
+  local leg=$1 mode=$2 dtype=$3 site=$4 mutation=$5
+  shift 5
+  local out=$root/$leg/$mode work=${TMPDIR:-/tmp}/conformance-run-$leg-$mode disable=0
+  [[ $mode == stock ]] && disable=1
+  mkdir -p "$out" "$work"
+  (
+    cd "$work" &&
+      PYTHONPATH=$site:$repo CONFORMANCE_CACHE=${TMPDIR:-/tmp}/conformance-cache-$leg \
+      CONFORMANCE_DTYPE=$dtype UNSLOTH_QWEN_COMPAT_DISABLE=$disable CONFORMANCE_MUTATION=$mutation \
+      PYTHONUNBUFFERED=1 timeout "${CONFORMANCE_TIMEOUT:-3000}" python3 -m conformance --report "$out" -p no:cacheprovider "$@" >"$out/log.txt" 2>&1
+    echo "$leg $mode: exit $?" >>"$root/exits.txt"
+  ) &
+  pids+=($!)
+}
+for spec in "${legs[@]}"; do
+  leg=${spec%%:*}
+  dtype=fp32
+  [[ $spec == *:* ]] && dtype=${spec#*:}
+  site=${TMPDIR:-/tmp}/conformance-leg-$leg
+  if [[ ! -d $site ]]; then
+    wheels=("$repo/.whl-$leg"/*.whl)
+    own=$(for w in "${wheels[@]}"; do basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_'; done)
+    skip=$(cat "$repo/.whl-$leg/skip.txt" 2>/dev/null)
+    for w in "$repo"/.whl-common/*.whl; do
+      name=$(basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
+      grep -qx "$name" <<<"$own"$'\n'"$skip" || wheels+=("$w")
+    done
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" ||
+      { echo "leg $leg: install failed"; continue; }
+  fi
+  for mode in shim stock; do
+    launch "$leg" "$mode" "$dtype" "$site" "" "$@"
+  done
+  # CONFORMANCE_MUTATIONS="NAME=KEXPR ...": the shim run again with each deliberate defect
+  # (conformance/mutations.py) on the cases KEXPR selects (a pytest -k expression, + for
+  # spaces); each case that goes through the mutated code must fail.
+  for mutation in ${CONFORMANCE_MUTATIONS:-}; do
+    launch "$leg" "mutation-${mutation%%=*}" "$dtype" "$site" "${mutation%%=*}" "$@" \
+      -p conformance.mutations -k "$(tr + ' ' <<<"${mutation#*=}")"
+  done
+done
+wait "${pids[@]}"
+cat "$root/exits.txt"
+for log in "$root"/*/*/log.txt; do
+  echo "== $log"
+  grep -E "^(pass|fail|refused|xfail|error|skip)=|passed|failed" "$log" | tail -3
+done
