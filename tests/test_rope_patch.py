@@ -464,3 +464,37 @@ def test_installed_unsloth_probe_and_gated_wrapper() -> None:
     assert out["after"] == out["before"]
     if out["entry"]["verdict"] == "needed":
         assert out["entry"]["action"] == "applied", out["entry"]
+
+
+# -- the conformance grid and the contract agree --------------------------------------------
+
+#: The README's table: what a window of the grid must end in, per type (None: same or refused,
+#: decided by the type's own tables, for types the table does not name).
+EXPECTED = {
+    "default": {"inside": SAME, "past_coverage": EXTENDED},
+    "linear": {"inside": SAME, "past_max_positions": SAME, "past_coverage": EXTENDED},
+    "yarn": {"inside": SAME, "past_max_positions": SAME, "past_coverage": EXTENDED},
+    "llama3": {"inside": SAME, "past_max_positions": SAME, "past_coverage": SAME},
+    "dynamic": {"inside": SAME, "past_coverage": REFUSED},
+    "longrope": {"inside": SAME, "past_coverage": REFUSED},
+}
+
+
+def test_conformance_grid_windows_follow_the_contract() -> None:
+    from conformance import rope_grid, zoo
+
+    seen = set()
+    for cell in rope_grid.cells(rope_grid.FAMILIES):
+        spec = cell.spec
+        kwargs = {**zoo.SHAPE, "max_position_embeddings": spec.max_position_embeddings, **zoo.rope_config_kwargs(spec)}
+        if spec.family != "qwen2":
+            kwargs["head_dim"] = zoo.HEAD_DIM
+        config = transformers.AutoConfig.for_model(spec.family, **kwargs)
+        assert rope_contract.coverage(config) == rope_grid.coverage(spec), cell
+        plan = plan_rope(config, cell.max_seq_length)
+        expected = EXPECTED.get(cell.rope_type, {}).get(cell.window)
+        assert plan.outcome == (expected or plan.outcome), (str(cell), plan.reason)
+        if expected is None:
+            assert plan.outcome in (SAME, REFUSED)
+        seen.add(cell.rope_type)
+    assert seen == set(TYPES)  # every type the installed transformers implements is in the grid
