@@ -418,7 +418,7 @@ def test_probe_grid_finds_nothing_in_an_upstream_that_follows_the_contract() -> 
     assert upstream_rope_defects(fixed_upstream, None) == [
         # The grid probes inside max_position_embeddings too, where _extended_rope_scaling is
         # never asked: a length-dependent type there is trained with one table.
-        "longrope: trained with one table past 32 tokens, not refused"
+        "longrope: one table past 32 tokens, not refused"
     ]
 
 
@@ -486,7 +486,11 @@ def test_conformance_grid_windows_follow_the_contract() -> None:
     seen = set()
     for cell in rope_grid.cells(rope_grid.FAMILIES):
         spec = cell.spec
-        kwargs = {**zoo.SHAPE, "max_position_embeddings": spec.max_position_embeddings, **zoo.rope_config_kwargs(spec)}
+        kwargs = {
+            **zoo.SHAPE,
+            "max_position_embeddings": spec.max_position_embeddings,
+            **zoo.rope_config_kwargs(spec),
+        }
         if spec.family != "qwen2":
             kwargs["head_dim"] = zoo.HEAD_DIM
         config = transformers.AutoConfig.for_model(spec.family, **kwargs)

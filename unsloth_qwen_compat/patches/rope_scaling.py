@@ -324,9 +324,9 @@ def upstream_rope_defects(
                 if built[0] is not None and not same_tables(
                     (built[0].float(), float(built[1])), rope_tables(config)
                 ):
-                    defects.setdefault(kind, f"{kind}: Unsloth's rotary tables differ from transformers'")
+                    defects.setdefault(kind, f"{kind}: rotary tables differ from transformers'")
             except Exception as exc:
-                defects.setdefault(kind, f"{kind}: Unsloth's rotary raised {type(exc).__name__}")
+                defects.setdefault(kind, f"{kind}: rotary raised {type(exc).__name__}")
         for max_seq_length in probe_windows(config):
             plan = plan_rope(config, max_seq_length)
             try:
@@ -339,9 +339,7 @@ def upstream_rope_defects(
                 upstream = None  # upstream refused
             if plan.outcome == REFUSED:
                 if upstream is not None:
-                    defects.setdefault(
-                        kind, f"{kind}: trained with one table past {plan.coverage} tokens, not refused"
-                    )
+                    defects.setdefault(kind, f"{kind}: one table past {plan.coverage} tokens, not refused")
                 continue
             if upstream is None:
                 defects.setdefault(kind, f"{kind}: refused at max_seq_length {max_seq_length}")
@@ -353,8 +351,8 @@ def upstream_rope_defects(
             if not same_tables(mine, theirs):
                 defects.setdefault(
                     kind,
-                    f"{kind} becomes {upstream.get('rope_type') or 'plain'} x{float(upstream.get('factor', 1)):.3g} "
-                    f"at max_seq_length {max_seq_length} (max_position_embeddings {window})",
+                    f"{kind}: becomes {upstream.get('rope_type') or 'plain'} "
+                    f"x{float(upstream.get('factor', 1)):.3g} at {max_seq_length} > {window} positions",
                 )
     return [defects[k] for k in sorted(defects)]
 
@@ -396,10 +394,12 @@ model, _ = FastLanguageModel.from_pretrained("tiny-qwen3-linear", max_seq_length
             return unsupported(f"the RoPE probe grid raised {type(exc).__name__}: {exc}")
         # One cached table per model: a length-dependent type cannot be followed whatever
         # _extended_rope_scaling answers (upstream never refuses inside max_position_embeddings).
-        if not _rotary_follows_length(llama):
-            defects.append("dynamic / longrope: one cos/sin table for every length, not refused")
+        if not _rotary_follows_length(llama) and not any(
+            d.startswith(("dynamic", "longrope")) for d in defects
+        ):
+            defects.append("dynamic / longrope: one table for every length, not refused")
         if defects:
-            return needed("; ".join(defects))
+            return needed("RoPE probe grid: " + "; ".join(defects))
         return native("every RoPE type right or refused at every window (probe grid)")
 
     @staticmethod

@@ -1,0 +1,151 @@
+"""``python -m conformance.rope_table [REPORTS_DIR] [--readme README.md]``: the README's RoPE table.
+
+Reads the committed raw reports ``REPORTS_DIR/<leg>/{shim,stock}.json`` (default
+``conformance-reports``), takes the RoPE-grid cells (``test_rope_grid[<family>-<type>-<window>-<n>]``)
+and prints, per RoPE type and leg, what each window ended in with the shim, and how many
+cells stock Unsloth got wrong. With ``--readme`` the table replaces the block between the
+``rope-grid`` markers of that file.
+
+A cell's outcome comes from its record: ``right`` (passed against the checkpoint's own
+config), ``extended`` (passed against the config the model exposes), ``refused``, or
+``WRONG`` (failed or errored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+CELL = re.compile(
+    r"test_rope_grid\[(?P<family>[a-z0-9_]+)-(?P<type>[a-z0-9_]+)-(?P<window>[a-z_]+)-(?P<n>\d+)\]"
+)
+WINDOWS = {"inside": "inside M", "past_max_positions": "past M", "past_coverage": "past coverage"}
+START, END = "<!-- rope-grid:", "<!-- /rope-grid -->"
+CONTROLS = ("llama", "mistral")
+
+
+def outcome(case: dict) -> str:
+    result = case["result"]
+    if result == "refused":
+        return "refused"
+    if result == "pass":
+        labels = {m["metric"] for m in case["metrics"]}
+        if "control_shim_vs_stock_max_abs" in labels:
+            return "= stock"
+        return "extended" if "logits_rel_vs_exposed" in labels else "right"
+    if result == "skip":
+        return "skipped"
+    return "WRONG"
+
+
+def read(reports: Path) -> dict:
+    """{leg: {mode: {(family, type, window): outcome}}} plus each report's header."""
+    legs: dict = {}
+    for path in sorted(reports.glob("*/*.json")):
+        if path.stem not in ("shim", "stock"):
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        cells = {}
+        for case in data["cases"]:
+            match = CELL.fullmatch(case["case"])
+            if match:
+                cells[(match["family"], match["type"], match["window"])] = outcome(case)
+        if cells:
+            legs.setdefault(path.parent.name, {})[path.stem] = {"cells": cells, "header": data}
+    return legs
+
+
+def _leg_key(leg: str):
+    return [-int(part) if part.isdigit() else 0 for part in re.split(r"[.-]", leg)]
+
+
+def table(legs: dict) -> list[str]:
+    names = sorted(legs, key=_leg_key)
+    types: set[str] = set()
+    for leg in names:
+        for mode in legs[leg].values():
+            types |= {t for (f, t, w) in mode["cells"] if f not in CONTROLS}
+    header = "| RoPE type | " + " | ".join(
+        f"{leg} (Unsloth {legs[leg].get('shim', legs[leg].get('stock'))['header']['versions']['unsloth']}, "
+        f"transformers {legs[leg].get('shim', legs[leg].get('stock'))['header']['versions']['transformers']}, "
+        f"{legs[leg].get('shim', legs[leg].get('stock'))['header']['dtype']})"
+        for leg in names
+    )
+    lines = [header + " |", "|---|" + "---|" * len(names)]
+    for kind in sorted(types, key=lambda t: (t != "default", t)):
+        row = [f"`{kind}`" if kind != "default" else "plain"]
+        for leg in names:
+            row.append(_cell_text(legs[leg], kind))
+        lines.append("| " + " | ".join(row) + " |")
+    controls = []
+    for leg in names:
+        shim = legs[leg].get("shim", {"cells": {}})["cells"]
+        ctrl = [v for (f, _, _), v in shim.items() if f in CONTROLS]
+        if ctrl:
+            same = sum(v == "= stock" for v in ctrl)
+            controls.append(f"{leg}: {same}/{len(ctrl)} Llama/Mistral cells equal stock Unsloth bit for bit")
+    out = lines
+    if controls:
+        out += ["", "Controls with the shim imported: " + "; ".join(controls) + "."]
+    return out
+
+
+def _cell_text(leg: dict, kind: str) -> str:
+    parts = []
+    shim = leg.get("shim", {"cells": {}})["cells"]
+    by_window = defaultdict(list)
+    for (family, k, window), value in shim.items():
+        if k == kind and family not in CONTROLS:
+            by_window[window].append(value)
+    for window, label in WINDOWS.items():
+        values = by_window.get(window)
+        if not values:
+            continue
+        distinct = sorted(set(values))
+        text = "/".join(distinct) if len(distinct) > 1 else distinct[0]
+        if "WRONG" in distinct:
+            text = f"**{values.count('WRONG')} of {len(values)} WRONG**"
+        parts.append(f"{label}: {text}")
+    stock = [
+        v
+        for (f, k, _), v in leg.get("stock", {"cells": {}})["cells"].items()
+        if k == kind and f not in CONTROLS
+    ]
+    if stock:
+        wrong = sum(v == "WRONG" for v in stock)
+        parts.append(f"(stock: {wrong} of {len(stock)} wrong)")
+    return "; ".join(parts) if parts else "-"
+
+
+def replace_block(readme: Path, lines: list[str]) -> None:
+    text = readme.read_text(encoding="utf-8")
+    start = text.index(START)
+    start = text.index("\n", start) + 1
+    end = text.index(END)
+    readme.write_text(text[:start] + "\n".join(lines) + "\n" + text[end:], encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m conformance.rope_table", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("reports", nargs="?", default="conformance-reports")
+    parser.add_argument("--readme", help="rewrite the rope-grid block of this file")
+    args = parser.parse_args(argv)
+    legs = read(Path(args.reports))
+    if not legs:
+        print(f"no RoPE-grid cells in {args.reports}/<leg>/{{shim,stock}}.json", file=sys.stderr)
+        return 1
+    lines = table(legs)
+    if args.readme:
+        replace_block(Path(args.readme), lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
