@@ -92,6 +92,9 @@ def load(
         if refusal is not None and isinstance(error, refusal):
             import pytest
 
+            from conformance import refusals
+
+            refusals.check(spec.family, str(error))  # an undeclared refusal fails the case
             pytest.xfail(f"{REFUSED}: {error}")
         raise
 
@@ -120,12 +123,6 @@ def load_or_refusal(spec: ModelSpec, max_seq_length: int, dtype: str):
 def shim_active() -> bool:
     """The shim is installed and enabled in this process (the candidate is not stock Unsloth)."""
     return shim is not None and not SHIM_DISABLED
-
-
-def unsloth_version() -> str | None:
-    from conformance import versions
-
-    return versions.package_version("unsloth")
 
 
 def device_of(model) -> torch.device:

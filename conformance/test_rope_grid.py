@@ -8,7 +8,8 @@ runs that many tokens. The outcome must be one the contract allows:
 - **extended**: only past what the config itself covers, with the type kept (plain RoPE:
   linear), and the logits match transformers given the config the model exposes;
 - **refused**: only where transformers' own tables change with the sequence length inside
-  ``max_seq_length`` (dynamic NTK, longrope), or where the leg declares the family refused.
+  ``max_seq_length`` (dynamic NTK, longrope), or where the leg declares the family refused
+  (conformance/refusals.py).
 
 Anything else (a silent change of RoPE, a refusal the contract does not allow) fails the cell.
 Controls (Llama, Mistral) are not Qwen: with the shim imported they must compute exactly
@@ -25,17 +26,9 @@ import gc
 import pytest
 import torch
 
-from conformance import candidate, inputs, oracle_client, plan, rope_grid, tolerances, zoo_tokenizer
+from conformance import candidate, inputs, oracle_client, plan, refusals, rope_grid, tolerances, zoo_tokenizer
 
 pytestmark = pytest.mark.rope
-
-#: Families whose cells every leg may refuse, by Unsloth release prefix (README, legs table).
-LEG_REFUSED_FAMILIES = {"2025.3.": {"qwen3_moe"}}
-
-
-def _leg_refuses(family: str) -> bool:
-    version = candidate.unsloth_version() or ""
-    return any(version.startswith(prefix) and family in fams for prefix, fams in LEG_REFUSED_FAMILIES.items())
 
 
 def _run_candidate(cell: rope_grid.Cell, dtype: str) -> dict:
@@ -158,7 +151,7 @@ def test_rope_grid(cell, grid, settings, record):
             assert diff == 0.0, f"{where}: logits differ from stock Unsloth by {diff:.3g}"
         return
     if result["outcome"] == "refused":
-        allowed = facts["length_dependent"] or _leg_refuses(cell.spec.family)
+        allowed = facts["length_dependent"] or refusals.expected(cell.spec.family) is not None
         assert allowed, f"refused where the contract allows no refusal: {where}\n  {result['reason']}"
         pytest.xfail(f"{candidate.REFUSED}: {result['reason']}")
     rope = result["rope"]
