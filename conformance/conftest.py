@@ -88,6 +88,9 @@ def pytest_configure(config) -> None:
         "device": settings.device,
         "dtype": settings.dtype,
         "candidate_mode": candidate.mode(),
+        # What was asked for (e.g. ``-m rope``): a partial run must not read as a whole leg.
+        "pytest_args": [str(a) for a in config.invocation_params.args],
+        "mutation": os.environ.get("CONFORMANCE_MUTATION", ""),
         "versions": versions.collect(),
         "shim": candidate.shim_state(),
     }
