@@ -8,9 +8,13 @@ and ``tokenizers`` version, and the result is cached with the model files by zoo
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
+# Qwen's published templates live once, in the package (its chat_templates patch registers
+# them). Found by spec, not imported: the package's __init__ imports Unsloth, and the
+# oracle process that builds the zoo never may.
+TEMPLATES_DIR = Path(importlib.util.find_spec("unsloth_qwen_compat").origin).parent / "templates"
 
 #: Template file per model family: Qwen2.5's ChatML for qwen2, Qwen3's (thinking) for the rest.
 TEMPLATE_FILES = {"qwen2": "qwen2_5.jinja", "qwen3": "qwen3.jinja", "qwen3_moe": "qwen3.jinja"}
@@ -89,7 +93,7 @@ def build_tokenizer(model_type: str):
 
 
 def published_template(model_type: str) -> str:
-    """The chat template text Qwen publishes for this model family (see templates/README.md)."""
+    """The chat template text Qwen publishes for this model family (see unsloth_qwen_compat/templates/README.md)."""
     return (TEMPLATES_DIR / TEMPLATE_FILES[model_type]).read_text(encoding="utf-8")
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -69,27 +70,11 @@ SHAPE = {
 
 
 def _hide_unsloth() -> None:
-    """Make ``unsloth`` / ``unsloth_zoo`` unimportable and uninstalled-looking in this process."""
-    import importlib.abc
-    import importlib.metadata as metadata
+    """Make ``unsloth`` / ``unsloth_zoo`` unimportable and uninstalled-looking in this process.
 
-    hidden = ("unsloth", "unsloth_zoo")
-
-    class HideUnsloth(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):  # noqa: ANN001
-            if name.split(".")[0] in hidden:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, HideUnsloth())
-    real_version = metadata.version
-
-    def version(name: str) -> str:
-        if name.replace("-", "_") in hidden:
-            raise metadata.PackageNotFoundError(name)
-        return real_version(name)
-
-    metadata.version = version
+    The package's helper, run by path: importing it through the package would import Unsloth.
+    """
+    runpy.run_path(str(REPO / "unsloth_qwen_compat" / "_hide_unsloth.py"))["hide_unsloth"]()
 
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +90,7 @@ def run_path(path: str, checkpoint: Path, out: Path) -> None:
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from unsloth_qwen_compat._hide_unsloth import imported_hidden
     from unsloth_qwen_compat.loading import (
         attach_lora,
         count_trainable_parameters,
@@ -248,7 +234,7 @@ def run_path(path: str, checkpoint: Path, out: Path) -> None:
             "train_mode_step_peak_bytes": train_mode_peak,
             "eval_mode_step_peak_bytes": eval_mode_peak,
         },
-        "unsloth_imported": any(name.split(".")[0] in ("unsloth", "unsloth_zoo") for name in sys.modules),
+        "unsloth_imported": bool(imported_hidden()),
     }
     (out / f"{path}.json").write_text(json.dumps(result, indent=2))
 

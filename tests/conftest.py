@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -19,26 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 requires_unsloth = pytest.mark.skipif(find_spec("unsloth") is None, reason="Unsloth is not installed")
 
-# A stand-in for "Unsloth is not installed" (named as such): hides unsloth and
-# unsloth_zoo from both the import system and package metadata in the child.
-HIDE_UNSLOTH = textwrap.dedent(
-    """
-    import sys, importlib.abc, importlib.metadata as _md
-    _HIDDEN = ("unsloth", "unsloth_zoo")
-    class _HideUnsloth(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in _HIDDEN:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-    sys.meta_path.insert(0, _HideUnsloth())
-    _version = _md.version
-    def _hidden_version(name):
-        if name.replace("-", "_") in _HIDDEN:
-            raise _md.PackageNotFoundError(name)
-        return _version(name)
-    _md.version = _hidden_version
-    """
-)
+# A stand-in for "Unsloth is not installed": a child's first lines, hiding unsloth and
+# unsloth_zoo from both the import system and package metadata. Read by path: importing
+# the package here would import Unsloth into every test process.
+HIDE_UNSLOTH = runpy.run_path(str(REPO / "unsloth_qwen_compat" / "_hide_unsloth.py"))["CODE"]
 
 
 def run_python(

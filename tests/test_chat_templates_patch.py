@@ -3,17 +3,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from unsloth_qwen_compat.patches.chat_templates import FAMILIES, missing_families, published_template
 
 from .conftest import REPO, requires_unsloth, run_python
 
+#: SHA-256 of Qwen's published templates as TRL 1.15.0 stores them (templates/README.md).
+PUBLISHED_SHA256 = {
+    "qwen2_5.jinja": "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f",
+    "qwen3.jinja": "a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",
+}
 
-def test_packaged_templates_are_qwens_published_ones() -> None:
-    # conformance/templates holds the suite's own copies of Qwen's templates (from TRL).
+
+def test_packaged_templates_are_qwens_published_ones_and_the_zoos() -> None:
+    from conformance import zoo_tokenizer
+
     for family, (filename, _) in FAMILIES.items():
-        assert published_template(family) == (REPO / "conformance" / "templates" / filename).read_text()
+        text = published_template(family)
+        assert hashlib.sha256(text.encode()).hexdigest() == PUBLISHED_SHA256[filename]
+    # The conformance zoo reads the same files (one copy in the repository).
+    assert zoo_tokenizer.TEMPLATES_DIR == REPO / "unsloth_qwen_compat" / "templates"
+    assert zoo_tokenizer.published_template("qwen2") == published_template("Qwen2.5")
+    assert zoo_tokenizer.published_template("qwen3") == published_template("Qwen3")
 
 
 def test_missing_families_reads_the_registry() -> None:
