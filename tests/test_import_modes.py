@@ -174,3 +174,30 @@ def test_an_unwritten_speed_patch_is_not_warned_about() -> None:
         if p["action"] == "not implemented" and p["name"] != "qwen2_fused_qkv_bias"
     ]
     assert ("UnslothQwenCompatWarning" in status["_stderr"]) is bool(unapplied_correctness)
+
+
+def test_import_time_warnings_point_at_the_users_import_line(tmp_path) -> None:
+    # Both warnings come from deep inside the package's import-time work; a user must see
+    # the line of their own program that imported it.
+    script = tmp_path / "train.py"
+    script.write_text(
+        HIDE_UNSLOTH
+        + "import json, warnings\n"
+        + "from transformers.models.qwen3 import modeling_qwen3\n"
+        + "with warnings.catch_warnings(record=True) as caught:\n"
+        + "    warnings.simplefilter('always')\n"
+        + "    import unsloth_qwen_compat  # THE IMPORT LINE\n"
+        + "print(json.dumps([(str(w.message), w.filename, w.lineno) for w in caught\n"
+        + "                  if w.category.__name__ == 'UnslothQwenCompatWarning']))\n"
+    )
+    import_line = (
+        script.read_text().splitlines().index("    import unsloth_qwen_compat  # THE IMPORT LINE") + 1
+    )
+    done = run_python("", args=[str(script)], env={"UNSLOTH_QWEN_COMPAT_DISABLE": "maybe"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    caught = json.loads(done.stdout.strip().splitlines()[-1])
+    messages = [message for message, _, _ in caught]
+    assert len(caught) == 2, messages
+    assert any("transformers was imported before Unsloth" in m for m in messages)
+    assert any("UNSLOTH_QWEN_COMPAT_DISABLE='maybe' is not an on/off value" in m for m in messages)
+    assert {(filename, lineno) for _, filename, lineno in caught} == {(str(script), import_line)}

@@ -4,7 +4,12 @@ On import this module imports Unsloth, probes what the installed release does fo
 Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE, and patches only what is missing or wrong. It
 never raises because Unsloth is absent, broken or without a GPU: it records why in the
 ledger (:func:`status`) and leaves the plain Hugging Face path usable.
-``UNSLOTH_QWEN_COMPAT_DISABLE=1`` turns every patch off (stock Unsloth).
+``UNSLOTH_QWEN_COMPAT_DISABLE=1`` (or ``true``/``yes``/``on``) turns every patch off
+(stock Unsloth).
+
+The one exception is the package's own command line (``python -m unsloth_qwen_compat``,
+``unsloth-qwen-compat``): it does this work once its arguments are parsed, so ``--help``
+and usage errors answer without importing Unsloth.
 """
 
 from __future__ import annotations
@@ -13,26 +18,23 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import time
-import warnings
 from typing import Any
 
 from . import _env
 from ._matrix import LEGS, matching_leg, newest_tested_unsloth
 from ._registry import Action, LedgerEntry, PatchError, Shim, UnsupportedConfigurationError, Verdict
 from ._version import __version__
+from ._warnings import UnslothQwenCompatWarning, warn
 from .patches import all_patches
 
 DISABLE_VARIABLE = "UNSLOTH_QWEN_COMPAT_DISABLE"
 
 
-class UnslothQwenCompatWarning(UserWarning):
-    """The shim could not fully do its job in this process."""
-
-
 def _disabled() -> bool:
-    return os.environ.get(DISABLE_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return _env.switch(DISABLE_VARIABLE)
 
 
 def _import_unsloth() -> tuple[_env.UnslothState, _env.GpuInfo | None]:
@@ -76,7 +78,7 @@ class _State:
         self.shim = Shim(all_patches())
         probe_started = time.perf_counter()
         if _disabled():
-            self.shim.disable_all(f"{DISABLE_VARIABLE} is set")
+            self.shim.disable_all(f"{DISABLE_VARIABLE} is on")
         else:
             self.shim.probe_all(self.env)
             self.shim.apply(self.env)  # applies only `needed` verdicts, which need usable Unsloth
@@ -120,14 +122,12 @@ class _State:
             elif entry.action is Action.NOT_IMPLEMENTED and not self.shim.patches[entry.name].speed_only:
                 problems.append(f"{entry.name} is needed ({entry.reason}) but not fixed by this release")
         if problems:
-            warnings.warn(
-                "unsloth_qwen_compat: " + "; ".join(problems), UnslothQwenCompatWarning, stacklevel=3
-            )
+            warn("unsloth_qwen_compat: " + "; ".join(problems))
 
     def verdict_line(self) -> str:
         ledger = self.shim.ledger.values()
         if all(e.verdict is Verdict.DISABLED for e in ledger):
-            return f"shim disabled ({DISABLE_VARIABLE} is set): stock Unsloth"
+            return f"shim disabled ({DISABLE_VARIABLE} is on): stock Unsloth"
         if not self.env.unsloth.usable:
             return f"nothing to patch: Unsloth {self.env.unsloth.mode}"
         needed = [e.name for e in ledger if e.verdict is Verdict.NEEDED]
@@ -138,47 +138,80 @@ class _State:
         return "nothing needed, but some patches could not be judged (see unsupported)"
 
 
-_state = _State()
+def _started_as_own_command_line() -> bool:
+    """True when this import is the package's command line starting, before it parsed anything.
+
+    ``python -m unsloth_qwen_compat`` imports this package before it runs ``__main__``:
+    meanwhile ``sys.argv[0]`` is ``"-m"`` and the module name (alone, or ending a cluster
+    such as ``-Im<name>``) is the item of ``sys.orig_argv`` just before the arguments. The
+    ``unsloth-qwen-compat`` script (``-script.py`` / ``.exe`` on Windows) imports it to
+    reach ``cli.main``. Any other program importing the package gets the import-time work.
+    """
+    argv = getattr(sys, "argv", None) or [""]
+    if argv[0] == "-m":
+        original = getattr(sys, "orig_argv", [])
+        item = original[-len(argv)] if len(original) > len(argv) else ""
+        module = item.split("m", 1)[-1] if item.startswith("-") else item
+        return module in (__name__, f"{__name__}.__main__")
+    script = re.sub(r"(-script\.pyw?|\.exe)$", "", os.path.basename(argv[0]))
+    return script == "unsloth-qwen-compat"
+
+
+_state: _State | None = None
+
+
+def _current() -> _State:
+    """What the import-time work found and did; done now if the command line deferred it."""
+    global _state
+    if _state is None:
+        _state = _State()
+    return _state
+
+
+if not _started_as_own_command_line():
+    _current()
 
 
 def status() -> dict[str, Any]:
     """The ledger: versions, GPU, Unsloth's mode, each patch's verdict and action, notes."""
+    state = _current()
     return {
         "unsloth_qwen_compat": __version__,
-        "environment": _state.env.as_dict(),
-        "tested_leg": None if _state.leg is None else _state.leg.name,
-        "patches": [entry.as_dict() for entry in _state.shim.ledger.values()],
-        "verdict": _state.verdict_line(),
-        "notes": list(_state.notes),
+        "environment": state.env.as_dict(),
+        "tested_leg": None if state.leg is None else state.leg.name,
+        "patches": [entry.as_dict() for entry in state.shim.ledger.values()],
+        "verdict": state.verdict_line(),
+        "notes": list(state.notes),
         "timings": {
-            "unsloth_import_s": round(_state.unsloth_import_seconds, 4),
-            "shim_s": round(_state.shim_seconds, 4),
+            "unsloth_import_s": round(state.unsloth_import_seconds, 4),
+            "shim_s": round(state.shim_seconds, 4),
         },
     }
 
 
 def environment() -> _env.Environment:
-    return _state.env
+    return _current().env
 
 
 def apply(names: list[str] | None = None) -> dict[str, LedgerEntry]:
     """Apply needed patches (all, or ``names``) again after :func:`revert`. Idempotent."""
+    state = _current()
     if _disabled():
-        return _state.shim.ledger
-    for entry in _state.shim.ledger.values():
+        return state.shim.ledger
+    for entry in state.shim.ledger.values():
         if entry.action is Action.REVERTED:
             entry.action = Action.PENDING
-    return _state.shim.apply(_state.env, names)
+    return state.shim.apply(state.env, names)
 
 
 def revert(names: list[str] | None = None) -> None:
     """Restore exactly what the applied patches (all, or ``names``) replaced."""
-    _state.shim.revert(names)
+    _current().shim.revert(names)
 
 
 def shim() -> Shim:
     """The live registry (for tests and tooling)."""
-    return _state.shim
+    return _current().shim
 
 
 __all__ = [

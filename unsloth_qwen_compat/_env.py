@@ -1,7 +1,9 @@
-"""What is installed: package versions, the GPU, and the state of Unsloth.
+"""What is installed: package versions, the GPU, the state of Unsloth, and the switches.
 
 Versions come from package metadata (``importlib.metadata``), never from importing the
-package, so reading them is cheap and works for packages that fail to import.
+package, so reading them is cheap and works for packages that fail to import. Every
+on/off environment variable the shim reads goes through :func:`switch` (the shim's own)
+or :func:`unsloth_switch` (Unsloth's, read as Unsloth reads them).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from importlib import metadata
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
+
+from ._warnings import warn
 
 #: Distributions whose versions the shim reports, in the order ``status`` prints them.
 TRACKED_DISTRIBUTIONS: tuple[str, ...] = (
@@ -34,6 +38,47 @@ MODE_GPU = "gpu"  # the real GPU code path
 MODE_CPU_FALLBACK = "cpu-fallback"  # no GPU: Unsloth runs stock transformers code
 MODE_CPU_ALLOWED = "cpu-allowed"  # no GPU, UNSLOTH_ALLOW_CPU=1: GPU code imported, cannot load
 MODE_NOT_IMPORTED = "not-imported"  # the shim was disabled before importing Unsloth
+
+
+#: What :func:`switch` reads as on and as off, in any case and with surrounding whitespace.
+SWITCH_ON = ("1", "true", "yes", "on")
+SWITCH_OFF = ("0", "false", "no", "off")
+_warned_switches: set[str] = set()
+
+
+def switch(name: str, default: bool = False) -> bool:
+    """The shim's on/off environment variable ``name``; unset or empty is ``default``.
+
+    Any other value than :data:`SWITCH_ON` / :data:`SWITCH_OFF` warns (once per variable)
+    and counts as ``default``: a misspelt switch must not silently flip a patch.
+    """
+    value = os.environ.get(name, "").strip().lower()
+    if value in SWITCH_ON:
+        return True
+    if value in SWITCH_OFF:
+        return False
+    if value and name not in _warned_switches:
+        _warned_switches.add(name)
+        warn(
+            f"{name}={os.environ[name]!r} is not an on/off value (on: {'/'.join(SWITCH_ON)}; "
+            f"off: {'/'.join(SWITCH_OFF)}; any case; empty or unset: the default); "
+            f"using the default ({'on' if default else 'off'})"
+        )
+    return default
+
+
+def unsloth_switch(name: str) -> bool:
+    """Unsloth's environment variable ``name``, read as Unsloth reads it: on only when it is "1".
+
+    Reading it any other way would make the shim disagree with what Unsloth does. A value
+    the shim's own switches would take as on (``true``, ``yes``...) warns once, since
+    Unsloth ignores it.
+    """
+    value = os.environ.get(name, "")
+    if value.strip().lower() in SWITCH_ON and value != "1" and name not in _warned_switches:
+        _warned_switches.add(name)
+        warn(f"{name}={value!r} is off for Unsloth, which turns it on only for the exact value '1'")
+    return value == "1"
 
 
 def distribution_version(name: str) -> str | None:
@@ -177,7 +222,7 @@ def unsloth_mode_after_import(module: Any, gpu: GpuInfo | None) -> str:
     """
     if getattr(module, "_IS_CPU_BACKEND", False):
         return MODE_CPU_FALLBACK
-    if gpu is None and os.environ.get("UNSLOTH_ALLOW_CPU", "") not in ("", "0"):
+    if gpu is None and unsloth_switch("UNSLOTH_ALLOW_CPU"):
         return MODE_CPU_ALLOWED
     return MODE_GPU
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import abc
 import enum
 import logging
-import os
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from ._env import Environment
+from ._env import Environment, switch
 
 logger = logging.getLogger("unsloth_qwen_compat")
 
@@ -24,7 +23,7 @@ class Verdict(str, enum.Enum):
     NEEDED = "needed"  # the installed Unsloth lacks this or gets it wrong
     NATIVE = "native"  # upstream already does it right: the patch stays out
     UNSUPPORTED = "unsupported"  # cannot be judged or applied here (no Unsloth, CPU mode, ...)
-    DISABLED = "disabled"  # UNSLOTH_QWEN_COMPAT_DISABLE is set
+    DISABLED = "disabled"  # UNSLOTH_QWEN_COMPAT_DISABLE is on
 
 
 class Action(str, enum.Enum):
@@ -33,6 +32,9 @@ class Action(str, enum.Enum):
     SKIPPED = "skipped"  # verdict says there is nothing to do
     NOT_IMPLEMENTED = "not implemented"  # needed, but this release has no patch body yet
     OPT_IN = "opt-in"  # needed, written, but off unless its environment variable is set
+    # Status without a GPU: a child that inspected Unsloth's GPU code applied it, so a GPU
+    # run of this install applies it; the process itself patched nothing.
+    WOULD_APPLY = "would apply"
     FAILED = "failed"  # apply raised; everything it had changed was restored
     REVERTED = "reverted"
 
@@ -135,7 +137,8 @@ class Patch(abc.ABC):
     implemented: ClassVar[bool] = True
     #: True for a patch that only makes training faster: leaving it unapplied is not warned about.
     speed_only: ClassVar[bool] = False
-    #: An environment variable that must be "1" for the patch to apply (None: on by default).
+    #: An environment switch that must be on (``1``, ``true``...: :func:`._env.switch`) for the
+    #: patch to apply (None: on by default).
     #: For a patch whose benefit is not measured yet: it stays out unless asked for.
     opt_in_env: ClassVar[str | None] = None
     #: Conformance case names (prefixes) that measure this defect, for upstream reports.
@@ -218,7 +221,7 @@ class Shim:
                 entry.action = Action.NOT_IMPLEMENTED
                 entry.detail = "needed, not implemented yet"
                 continue
-            if patch.opt_in_env and os.environ.get(patch.opt_in_env, "") != "1":
+            if patch.opt_in_env and not switch(patch.opt_in_env):
                 entry.action = Action.OPT_IN
                 entry.detail = f"off by default: set {patch.opt_in_env}=1 to apply"
                 continue

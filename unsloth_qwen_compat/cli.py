@@ -1,37 +1,87 @@
-"""``python -m unsloth_qwen_compat status | doctor | upstream-report | bench`` (also the ``unsloth-qwen-compat`` script)."""
+"""``python -m unsloth_qwen_compat status | doctor | upstream-report | bench`` (also the ``unsloth-qwen-compat`` script).
+
+The arguments are parsed before anything imports Unsloth (the package defers its
+import-time work when it is this command line: see ``_started_as_own_command_line``), so
+``--help``, ``--version`` and usage errors answer at once. Unsloth writes
+``unsloth_compiled_cache/`` into the working directory when it is imported; the command
+line imports it, here and in its inspecting child, from a scratch directory instead of
+the caller's.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from . import bench
 from ._env import MODE_CPU_FALLBACK, TRACKED_DISTRIBUTIONS
 from ._matrix import LEGS
+from ._registry import Action
+from ._version import __version__
+
+#: The program name of the ``unsloth-qwen-compat`` script; ``__main__`` passes its own.
+PROG = "unsloth-qwen-compat"
+
+INSPECTED_NOTE = (
+    "no GPU: this process runs Unsloth's CPU fallback (stock transformers code) and patches "
+    "nothing; the verdicts come from a child process with UNSLOTH_ALLOW_CPU=1 that inspected "
+    f"Unsloth's GPU code, and '{Action.WOULD_APPLY.value}' marks what a GPU run of this install applies"
+)
+
+
+@contextlib.contextmanager
+def _scratch_directory() -> Iterator[str]:
+    """A temporary working directory, so that Unsloth's compile cache does not land in the caller's."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="unsloth-qwen-compat-", ignore_cleanup_errors=True) as scratch:
+        os.chdir(scratch)
+        try:
+            yield scratch
+        finally:
+            os.chdir(here)
+
+
+def _load_shim() -> None:
+    """The package's import-time work (import Unsloth, probe, patch), if not done yet."""
+    from . import _current
+
+    with _scratch_directory():
+        _current()
 
 
 def _inspect_gpu_code_in_child() -> dict[str, Any] | None:
     """Status from a child with UNSLOTH_ALLOW_CPU=1, where Unsloth's GPU code is imported.
 
     Without a GPU, Unsloth falls back to stock transformers code and there is nothing to
-    patch; the child shows what the same install would need on a GPU.
+    patch; the child shows what the same install would need on a GPU. It runs in a scratch
+    directory and imports this very copy of the package.
     """
     child_env = dict(os.environ, UNSLOTH_ALLOW_CPU="1")
-    code = "import json, unsloth_qwen_compat as m; print(json.dumps(m.status()))"
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (
+        f"import sys; root = {root!r}\n"
+        "if root not in sys.path: sys.path.insert(0, root)\n"
+        "import json, unsloth_qwen_compat as m; print(json.dumps(m.status()))"
+    )
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            env=child_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        with _scratch_directory() as scratch:
+            done = subprocess.run(
+                [sys.executable, "-c", code],
+                env=child_env,
+                cwd=scratch,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0 or not done.stdout.strip():
@@ -42,23 +92,41 @@ def _inspect_gpu_code_in_child() -> dict[str, Any] | None:
         return None
 
 
+def _as_inspected(here: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """This process's report (environment, mode, timings) with the inspecting child's verdicts.
+
+    This process patched nothing, so what the child applied is reported as ``would apply``.
+    """
+    patches = []
+    for entry in child["patches"]:
+        if entry["action"] == Action.APPLIED.value:
+            entry = entry | {
+                "action": Action.WOULD_APPLY.value,
+                "detail": f"on a GPU: {entry['detail']}",
+            }
+        patches.append(entry)
+    return here | {
+        "tested_leg": child["tested_leg"],
+        "patches": patches,
+        "verdict": child["verdict"],
+        "notes": [INSPECTED_NOTE, *child["notes"]],
+        "inspected_in_child": True,
+    }
+
+
 def collect_status(inspect: bool) -> dict[str, Any]:
+    """The report ``status``, ``doctor`` and ``upstream-report`` print (``--json``: as is).
+
+    Without a GPU (Unsloth's CPU fallback) and with ``inspect``, the verdicts are those of
+    a child that inspected Unsloth's GPU code; the mode stays this process's.
+    """
     import unsloth_qwen_compat
 
-    report = unsloth_qwen_compat.status()
+    report = unsloth_qwen_compat.status() | {"inspected_in_child": False}
     if inspect and report["environment"]["unsloth_mode"] == MODE_CPU_FALLBACK:
         child = _inspect_gpu_code_in_child()
         if child is not None:
-            child["notes"].insert(
-                0,
-                "no GPU: this process runs Unsloth's CPU fallback (stock transformers code) and "
-                "patches nothing; the verdicts below come from a child process with "
-                "UNSLOTH_ALLOW_CPU=1 that inspected Unsloth's GPU code, i.e. what a GPU run "
-                "of this install would patch",
-            )
-            child["inspected_in_child"] = True
-            return child
-    report["inspected_in_child"] = False
+            return _as_inspected(report, child)
     return report
 
 
@@ -159,11 +227,12 @@ def render_doctor(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m unsloth_qwen_compat",
+        prog=prog,
         description="What the installed Unsloth needs for Qwen, and what the shim did about it.",
     )
+    parser.add_argument("--version", action="version", version=f"unsloth-qwen-compat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("status", "versions, GPU, every patch with its verdict, and the one-line verdict"),
@@ -179,14 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     upstream = sub.add_parser(
         "upstream-report", help="markdown for upstream issues, one section per needed patch"
     )
-    upstream.add_argument("--stock", type=Path, help="conformance.json of a run with the shim disabled")
-    upstream.add_argument("--shim", type=Path, help="conformance.json of a run with the shim")
+    upstream.add_argument(
+        "--stock",
+        type=Path,
+        help="conformance.json of a run with UNSLOTH_QWEN_COMPAT_DISABLE=1 (stock Unsloth)",
+    )
+    upstream.add_argument(
+        "--shim", type=Path, help="conformance.json of a run with the shim, in another report directory"
+    )
     upstream.add_argument("--no-inspect", action="store_true", help=argparse.SUPPRESS)
     bench.add_arguments(
         sub.add_parser("bench", help="training throughput, peak memory and MFU: HF vs Unsloth vs the shim")
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    _load_shim()
     if args.command == "bench":
         return bench.run(args, bench.command_line(argv[1:]))
     report = collect_status(inspect=not args.no_inspect)

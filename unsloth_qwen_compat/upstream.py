@@ -38,9 +38,9 @@ def _measured(patch: Patch, stock: dict[str, dict], shim: dict[str, dict]) -> li
     names = sorted(name for name in set(stock) | set(shim) if name.startswith(patch.conformance_cases))
     if not names:
         return [
-            "No conformance numbers given: run `python -m conformance --report DIR` with and "
-            "without `UNSLOTH_QWEN_COMPAT_DISABLE=1` and pass `--stock DIR/conformance.json "
-            "--shim DIR/conformance.json`."
+            "No conformance numbers given: run `UNSLOTH_QWEN_COMPAT_DISABLE=1 python -m conformance "
+            "--report stock` and `python -m conformance --report shim`, then pass "
+            "`--stock stock/conformance.json --shim shim/conformance.json`."
         ]
     rows = ["| case | stock Unsloth | with the shim's fix |", "|---|---|---|"]
     rows += [f"| `{name}` | {_metrics(stock.get(name))} | {_metrics(shim.get(name))} |" for name in names]
@@ -74,7 +74,8 @@ def render(status: dict[str, Any], patches: dict[str, Patch], stock: Path | None
         lines += _measured(patch, stock_cases, shim_cases)
         lines += [
             "",
-            f"Workaround until fixed: `import unsloth_qwen_compat` before Unsloth ({entry['action']} here).",
+            "Workaround until fixed: `import unsloth_qwen_compat` before Unsloth "
+            f"(the shim's action on this install: {entry['action']}).",
             "",
         ]
         sections.append("\n".join(lines))

@@ -46,7 +46,6 @@ import builtins
 import functools
 import inspect
 import logging
-import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterable
@@ -54,7 +53,7 @@ from dataclasses import dataclass, field
 from types import CodeType, ModuleType
 from typing import Any
 
-from .._env import Environment
+from .._env import Environment, switch, unsloth_switch
 from .._registry import Action, AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
 from ._common import Unavailable, code_mentions, unsloth_module
 
@@ -486,7 +485,7 @@ def _declining_shim_layers_too(decline: Callable[..., Any]) -> Callable[..., Any
     def wrapper(model: Any, *args: Any, **kwargs: Any) -> int:
         declined = decline(model, *args, **kwargs)
         # Upstream's own override keeps every fused kernel; honour it for these layers too.
-        if os.environ.get("UNSLOTH_FORCE_FUSED_LORA", "0") == "1":
+        if unsloth_switch("UNSLOTH_FORCE_FUSED_LORA"):
             return declined
         ours = _shim_fused(model)
         original = decline.__globals__["original_apply_qkv"]
@@ -584,7 +583,7 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
             return unsupported("Qwen2 attention no longer runs Unsloth's LlamaAttention_fast_forward")
         if not code_mentions(stock, names=("apply_lora_qkv", "bias")):
             return native("patch_peft_model installs apply_lora_qkv without looking at any bias")
-        if os.environ.get(self.opt_in_env or "", "") != "1":
+        if not switch(self.opt_in_env or ""):
             # Reading the gate exactly (source + AST, ~12 ms) is left to those who apply the
             # patch: import time is paid by every user, and this patch is opt-in.
             return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
