@@ -19,8 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from unsloth_qwen_compat import _bench_worker, bench, cli
-from unsloth_qwen_compat.bench import SHAPES, Case, Settings, Shape
+from unsloth_qwen_compat import bench, cli
+from unsloth_qwen_compat.bench import (
+    SHAPES,
+    Case,
+    Settings,
+    Shape,
+    chart,
+    checkpoints,
+    command,
+    planning,
+    report,
+    runner,
+    worker,
+    workload,
+)
 
 # --------------------------------------------------------------------------------------
 # Arguments and the plan
@@ -70,8 +83,8 @@ def test_per_shape_batches_and_options() -> None:
         ("qwen3-8b", "qlora", 1, 1024),
     ]
     assert (settings.steps, settings.warmup) == (8, 1)
-    assert bench.parse_batch("2") == (2, {})
-    assert bench.parse_batch("qwen2.5-7b=2") == (0, {"qwen2.5-7b": 2})
+    assert planning.parse_batch("2") == (2, {})
+    assert planning.parse_batch("qwen2.5-7b=2") == (0, {"qwen2.5-7b": 2})
 
 
 def test_max_seq_bisect_defaults_to_qwen3_8b_qlora_batch_1_one_process_per_path() -> None:
@@ -116,7 +129,7 @@ def test_qkv_rounds_alternate_the_order_so_drift_falls_on_every_label() -> None:
     assert [(c.label, c.run) for c in cases] == [
         ("stock", 1), ("shim", 1), ("bound", 1), ("bound", 2), ("shim", 2), ("stock", 2),
     ]  # fmt: skip
-    three = bench.qkv_cases(cases[0], 3)
+    three = planning.qkv_cases(cases[0], 3)
     assert [c.label for c in three] == [
         "stock",
         "shim",
@@ -133,13 +146,13 @@ def test_qkv_rounds_alternate_the_order_so_drift_falls_on_every_label() -> None:
 
 def test_card_groups_keep_a_rows_runs_together_and_bisections_apart() -> None:
     cases, _ = _plan("--qkv-bias-compare")
-    groups = bench.card_groups(cases)
+    groups = runner.card_groups(cases)
     assert [(g[0].shape, g[0].precision, len(g)) for g in groups] == [
         ("qwen2.5-1.5b", "bf16", 4), ("qwen2.5-1.5b", "qlora", 4), ("qwen2.5-7b", "bf16", 4), ("qwen2.5-7b", "qlora", 4),
     ]  # fmt: skip
     assert [c for g in groups for c in g] == cases  # same order inside a group
     bisections, _ = _plan("--max-seq-bisect")
-    assert [len(g) for g in bench.card_groups(bisections)] == [1, 1, 1]
+    assert [len(g) for g in runner.card_groups(bisections)] == [1, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -168,7 +181,7 @@ def test_bad_arguments_exit_2_with_the_problem(
 def test_without_a_gpu_it_exits_2_and_says_a_gpu_is_needed(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(bench, "_gpu_name", lambda: None)
+    monkeypatch.setattr(command, "_gpu_name", lambda: None)
     assert bench.main(["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "needs a CUDA GPU" in err and "--dry-run" in err
@@ -183,7 +196,7 @@ def _meta_model(shape: Shape) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(bench.build_config(shape))
+        return AutoModelForCausalLM.from_config(workload.build_config(shape))
 
 
 #: Model cards' "Number of Parameters" and "(Non-Embedding)"; Qwen3-1.7B's checkpoint on
@@ -227,8 +240,8 @@ def test_lora_params_is_what_peft_trains() -> None:
     from transformers import AutoModelForCausalLM
 
     shape = SHAPES["tiny-qwen2"]
-    model = AutoModelForCausalLM.from_config(bench.build_config(shape))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(bench.LORA_TARGETS)))
+    model = AutoModelForCausalLM.from_config(workload.build_config(shape))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(workload.LORA_TARGETS)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert bench.lora_params(shape) == trainable == 131072
 
@@ -350,7 +363,7 @@ def test_train_report_has_ratios_mfu_versions_command_and_failures() -> None:
         {**asdict(Case("train", "qwen3-8b", "qlora", "hf", 1, 2048)), "id": "train-qwen3-8b-qlora-hf"}
         | {"status": "failed", "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"},
     ]
-    rows = bench.summarize_train(results)
+    rows = report.summarize_train(results)
     hf, unsloth, shim, failed = rows
     assert "speed_vs_hf" not in hf
     assert unsloth["speed_vs_hf"] == pytest.approx(2.0) and unsloth["memory_vs_hf"] == pytest.approx(0.25)
@@ -358,7 +371,7 @@ def test_train_report_has_ratios_mfu_versions_command_and_failures() -> None:
     assert hf["mfu"] == pytest.approx(10_000 * bench.flops_per_token(SHAPES["qwen3-1.7b"], 2048) / 989e12)
     command = "python -m unsloth_qwen_compat bench --shapes qwen3-1.7b,qwen3-8b"
     versions = {"torch": "2.11.0", "transformers": "5.17.0", "peft": "0.18.0", "unsloth": "2026.10.9"}
-    text = bench.render_markdown("train", rows, Settings(), [command], "NVIDIA H200", versions)
+    text = report.render_markdown("train", rows, Settings(), [command], "NVIDIA H200", versions)
     assert "- card: NVIDIA H200 (MFU against 989 TFLOP/s dense bf16)" in text
     assert "torch 2.11.0, transformers 5.17.0, peft 0.18.0, unsloth 2026.10.9" in text
     assert f"`{command}`" in text
@@ -381,11 +394,11 @@ def test_bisect_report() -> None:
     row["bisect"] = {"low": 1024, "high": 8192, "step": 1024}
     top = {**row, "longest": 8192, "probes": probes[:2]}
     none = {**row, "longest": None, "probes": probes[:1]}
-    lines = bench.bisect_rows([row, top, none])
+    lines = report.bisect_rows([row, top, none])
     assert lines[0][4:] == ["5120", "2,560", "30.0", "1024+ 8192x 4096+ 6144x 5120+"]
     assert lines[1][4] == ">= 8192 (upper bound)"
     assert lines[2][4] == "< 1024"
-    text = bench.render_markdown("bisect", [row], Settings(bisect_high=8192), ["cmd"], "NVIDIA H200", {})
+    text = report.render_markdown("bisect", [row], Settings(bisect_high=8192), ["cmd"], "NVIDIA H200", {})
     assert "bisection over 1024..8192 tokens in steps of 1024" in text
 
 
@@ -406,34 +419,36 @@ def test_qkv_report_uses_the_mean_of_both_stock_runs() -> None:
         _qkv_run("bound", 1, 0.2173, apply_qkv={"apply_lora_qkv": 28}),
         _qkv_run("stock", 2, 0.2414),
     ]
-    (row,) = bench.summarize_qkv(results)
+    (row,) = report.summarize_qkv(results, 1)
     assert row["stock_s"] == [0.2425, 0.2414]
     assert row["shim_vs_stock"] == pytest.approx(0.2200 / 0.24195)
     assert row["bound_vs_stock"] == pytest.approx(0.2173 / 0.24195)
     assert row["gap_closed"] == pytest.approx(0.02195 / 0.02465)
     assert row["shim_patch_action"] == "applied"
-    cells = bench.qkv_rows([row])[0]
-    assert cells[2:] == ["0.2425 / 0.2414", "0.2200", "0.2173", "0.909", "0.898", "0.89 (met)"]
-    assert "gap closed (target >= 0.80)" in bench.QKV_HEADER
-    text = bench.render_markdown("qkv", [row], Settings(), ["cmd"], "NVIDIA H200", {})
+    cells = report.qkv_rows([row])[0]
+    assert cells[2:] == ["0.2425 / 0.2414", "0.2200", "0.2173", "0.909", "0.898", "0.89 (met)", "- / - / -"]
+    assert "gap closed (target >= 0.80)" in report.QKV_HEADER
+    text = report.render_markdown("qkv", [row], Settings(), ["cmd"], "NVIDIA H200", {})
     assert "apply_lora_qkv x28" in text and "shim patch: applied" in text
 
     # Stock runs 0.2369 and 0.2879 s: further apart than their mean is from the bound.
-    noisy = bench.summarize_qkv([_qkv_run("stock", 1, 0.2369), *results[1:3], _qkv_run("stock", 2, 0.2879)])
+    noisy = report.summarize_qkv(
+        [_qkv_run("stock", 1, 0.2369), *results[1:3], _qkv_run("stock", 2, 0.2879)], 1
+    )
     assert noisy[0]["gap_within_noise"] is True
-    assert bench.qkv_rows(noisy)[0][-1].startswith(
+    assert report.qkv_rows(noisy)[0][-2].startswith(
         "not resolved: runs of one label differ by up to 0.0510 s, stock - bound is +0.0451 s"
     )
-    slower = bench.summarize_qkv([*results[:2], _qkv_run("bound", 1, 0.2500), results[3]])
-    assert bench.qkv_rows(slower)[0][-1] == "n/a (bound not faster)"
+    slower = report.summarize_qkv([*results[:2], _qkv_run("bound", 1, 0.2500), results[3]], 1)
+    assert report.qkv_rows(slower)[0][-2] == "n/a (bound not faster)"
 
-    broken = bench.summarize_qkv([*results[:3], _qkv_run("stock", 2, None)])
+    broken = report.summarize_qkv([*results[:3], _qkv_run("stock", 2, None)], 1)
     assert broken[0]["status"] == "failed" and "stock: boom" in broken[0]["error"]
 
 
 def test_png_is_written_or_skipped_with_a_message(tmp_path: Path) -> None:
-    rows = bench.summarize_train([_result("hf", 10_000, 20.0), _result("unsloth", 20_000, 5.0)])
-    why = bench.write_png(rows, tmp_path / "bench.png")
+    rows = report.summarize_train([_result("hf", 10_000, 20.0), _result("unsloth", 20_000, 5.0)])
+    why = chart.write_png(rows, tmp_path / "bench.png")
     if why is None:
         assert (tmp_path / "bench.png").stat().st_size > 0
     else:
@@ -486,8 +501,8 @@ def test_every_mode_reports_what_its_workers_returned(
     stem: str,
     expected: str,
 ) -> None:
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H200")
-    monkeypatch.setattr(bench, "run_worker", _fake_worker)
+    monkeypatch.setattr(command, "_gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(runner, "run_worker", _fake_worker)
     out = tmp_path / "out"
     code = bench.main([*args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     report = json.loads((out / f"{stem}.json").read_text())
@@ -524,9 +539,9 @@ def test_gpus_run_rows_at_once_each_rows_runs_on_one_card_in_order(
             busy.discard(gpu)
         return _fake_worker(spec, work, log, timeout, gpu)
 
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(bench, "_gpu_count", lambda: 2)
-    monkeypatch.setattr(bench, "run_worker", worker)
+    monkeypatch.setattr(command, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(command, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(runner, "run_worker", worker)
     out = tmp_path / "out"
     args = ["--qkv-bias-compare", "--gpus", "0,1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     assert bench.main(args) == 0
@@ -534,7 +549,7 @@ def test_gpus_run_rows_at_once_each_rows_runs_on_one_card_in_order(
     report = json.loads((out / "qkv_bias.json").read_text())
     cases = [c for c in report["cases"]]
     assert [c["id"] for c in cases] == [c.id for c in _plan("--qkv-bias-compare")[0]]  # plan order kept
-    for row in bench.card_groups(_plan("--qkv-bias-compare")[0]):
+    for row in runner.card_groups(_plan("--qkv-bias-compare")[0]):
         cards = {c["gpu"] for c in cases if c["id"] in {r.id for r in row}}
         assert len(cards) == 1, cards
         ran = [i for i, _, _ in calls if i in {r.id for r in row}]
@@ -547,8 +562,8 @@ def test_gpus_run_rows_at_once_each_rows_runs_on_one_card_in_order(
 def test_gpus_beyond_the_machine_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(bench, "_gpu_count", lambda: 2)
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(command, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(command, "_gpu_name", lambda: "NVIDIA H200")
     assert bench.main(["--gpus", "0,2", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 2
     assert "names a GPU this machine does not have (it sees 2)" in capsys.readouterr().err
 
@@ -565,8 +580,8 @@ def test_reports_are_written_after_every_case_so_a_stopped_run_keeps_its_results
                 raise KeyboardInterrupt  # the job's time limit, say
         return _fake_worker(spec, work, log, timeout, gpu)
 
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H200")
-    monkeypatch.setattr(bench, "run_worker", worker)
+    monkeypatch.setattr(command, "_gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(runner, "run_worker", worker)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         bench.main(
@@ -595,19 +610,65 @@ def test_qkv_report_with_rounds_averages_every_labels_runs() -> None:
         _qkv_run("shim", 2, 0.29),
         _qkv_run("stock", 2, 0.32),
     ]
-    (row,) = bench.summarize_qkv(results)
+    (row,) = report.summarize_qkv(results, 2)
     assert row["stock_s"] == [0.30, 0.32] and row["shim_runs_s"] == [0.27, 0.29]
     assert row["shim_s"] == pytest.approx(0.28) and row["bound_s"] == pytest.approx(0.26)
     assert row["gap_closed"] == pytest.approx((0.31 - 0.28) / (0.31 - 0.26))
-    cells = bench.qkv_rows([row])[0]
+    cells = report.qkv_rows([row])[0]
     assert cells[3] == "0.2800 (0.2700 / 0.2900)" and cells[4] == "0.2600 (0.2500 / 0.2700)"
-    text = bench.render_markdown("qkv", [row], Settings(rounds=2), ["cmd"], "NVIDIA H200", {})
+    text = report.render_markdown("qkv", [row], Settings(rounds=2), ["cmd"], "NVIDIA H200", {})
     assert "this order: stock, shim, bound, bound #2, shim #2, stock #2" in text
 
 
+#: Step times that close 0.94 of the gap when every planned run is there (stock 0.61, bound 0.57).
+_STEADY = {"stock": 0.6090, "shim": 0.5732, "bound": 0.5709}
+
+
+def _steady_runs(*names: str, **extra: object) -> list[dict]:
+    return [
+        _qkv_run(label, int(run or 1), _STEADY[label], **extra)
+        for label, _, run in (name.partition("#") for name in names)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "runs", "verdict"),
+    [
+        (1, ["stock", "shim", "bound", "stock#2"], "0.94 (met)"),
+        (2, ["stock", "shim", "bound", "bound#2", "shim#2", "stock#2"], "0.94 (met)"),
+        # The closing stock run was cut off (a time limit): the numbers are there, the verdict is not.
+        (1, ["stock", "shim", "bound"], "not resolved: stock #2 did not run"),
+        (2, ["stock", "shim", "bound", "bound#2", "shim#2"], "not resolved: stock #2 did not run"),
+        (2, ["stock", "shim", "bound", "bound#2"], "not resolved: shim #2, stock #2 did not run"),
+        (3, ["stock", "shim", "bound", "bound#2", "shim#2", "stock#2"], "not resolved: stock #3, "),
+    ],
+)
+def test_qkv_verdict_needs_every_planned_run(rounds: int, runs: list[str], verdict: str) -> None:
+    (row,) = report.summarize_qkv(_steady_runs(*runs), rounds)
+    assert row["status"] == "ok" and row["gap_closed"] == pytest.approx(0.94, abs=0.01)
+    assert row["verdict"].startswith(verdict), row["verdict"]
+    assert report.qkv_rows([row])[0][-2] == row["verdict"]
+    if "not resolved" in verdict:
+        assert (
+            "drift over the run cannot be told from the gap; the runs there are give 0.94" in row["verdict"]
+        )
+        assert "met" not in row["verdict"]
+
+
+def test_qkv_verdict_reads_the_rounds_each_case_recorded() -> None:
+    # Merged with --append: a 2-round comparison judged beside a 1-round plan.
+    two_rounds = _steady_runs("stock", "shim", "bound", "bound#2", "shim#2", "stock#2", rounds=2)
+    assert report.summarize_qkv(two_rounds, 1)[0]["verdict"] == "0.94 (met)"
+    cut = _steady_runs("stock", "shim", "bound", "bound#2", "shim#2", rounds=2)
+    assert report.summarize_qkv(cut, 1)[0]["verdict"].startswith("not resolved: stock #2 did not run")
+    cases, settings = _plan("--qkv-bias-compare", "--rounds", "2")
+    assert runner.case_spec(cases[0], settings, Path("/c"))["rounds"] == 2
+    assert "rounds" not in runner.case_spec(_plan()[0][0], settings, Path("/c"))
+
+
 def test_append_merges_runs_into_one_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(bench, "_gpu_name", lambda: "NVIDIA H200")
-    monkeypatch.setattr(bench, "run_worker", _fake_worker)
+    monkeypatch.setattr(command, "_gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(runner, "run_worker", _fake_worker)
     common = ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--append"]
     assert bench.main(["--shapes", "qwen3-1.7b", "--paths", "hf,unsloth", *common]) == 0
     assert bench.main(["--shapes", "qwen3-1.7b", "--paths", "shim", "--precisions", "bf16", *common]) == 0
@@ -628,17 +689,17 @@ def test_a_worker_that_dies_without_a_result_is_recorded_as_failed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     crash = "import sys; print('loading...'); print('Segmentation fault in kernel', file=sys.stderr); sys.exit(139)"
-    monkeypatch.setattr(bench, "worker_command", lambda spec_path: [sys.executable, "-c", crash])
+    monkeypatch.setattr(runner, "worker_command", lambda spec_path: [sys.executable, "-c", crash])
     spec = {"id": "case", "path": "hf", "device": "cpu"}
-    result = bench.run_worker(spec, tmp_path / "work", tmp_path / "logs" / "case.log", timeout=60)
+    result = runner.run_worker(spec, tmp_path / "work", tmp_path / "logs" / "case.log", timeout=60)
     assert result == {
         "status": "failed",
         "error": "worker exited 139 without a result: Segmentation fault in kernel",
     }
     monkeypatch.setattr(
-        bench, "worker_command", lambda spec_path: [sys.executable, "-c", "import time; time.sleep(30)"]
+        runner, "worker_command", lambda spec_path: [sys.executable, "-c", "import time; time.sleep(30)"]
     )
-    result = bench.run_worker(spec, tmp_path / "work", tmp_path / "logs" / "case.log", timeout=1)
+    result = runner.run_worker(spec, tmp_path / "work", tmp_path / "logs" / "case.log", timeout=1)
     assert result["status"] == "failed" and "timed out" in result["error"]
 
 
@@ -646,21 +707,21 @@ def test_worker_environment_per_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNSLOTH_QWEN_COMPAT_DISABLE", "1")
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    stock, shim = bench.worker_env("unsloth", "cuda"), bench.worker_env("shim", "cuda")
+    stock, shim = runner.worker_env("unsloth", "cuda"), runner.worker_env("shim", "cuda")
     assert stock["UNSLOTH_QWEN_COMPAT_DISABLE"] == "1" and "UNSLOTH_QWEN_COMPAT_DISABLE" not in shim
     assert stock["PYTORCH_ALLOC_CONF"] == shim["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
-    assert stock["PYTHONPATH"].split(":")[0] == str(bench.PACKAGE_ROOT)
-    assert bench.worker_env("hf", "cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    assert stock["PYTHONPATH"].split(":")[0] == str(runner.PACKAGE_ROOT)
+    assert runner.worker_env("hf", "cpu")["CUDA_VISIBLE_DEVICES"] == ""
     # The shim path measures the opt-in speed patch; stock and HF never get it.
     monkeypatch.delenv("UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS", raising=False)
-    assert bench.worker_env("shim", "cuda")["UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"] == "1"
-    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in bench.worker_env("unsloth", "cuda")
-    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in bench.worker_env("hf", "cuda")
+    assert runner.worker_env("shim", "cuda")["UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"] == "1"
+    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in runner.worker_env("unsloth", "cuda")
+    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in runner.worker_env("hf", "cuda")
 
 
 def test_loader_config_differs_between_paths_only_in_use_unsloth() -> None:
     spec = {"checkpoint": "/c", "precision": "qlora", "seq_len": 2048, "checkpointing": "offload"}
-    hf, unsloth = (bench.loader_config({**spec, "path": p}) for p in ("hf", "unsloth"))
+    hf, unsloth = (planning.loader_config({**spec, "path": p}) for p in ("hf", "unsloth"))
     assert hf["model"].pop("use_unsloth") is False and unsloth["model"].pop("use_unsloth") is True
     assert hf == unsloth
     assert hf["model"]["load_in_4bit"] is True and hf["model"]["bnb_4bit_quant_type"] == "nf4"
@@ -669,46 +730,46 @@ def test_loader_config_differs_between_paths_only_in_use_unsloth() -> None:
         "alpha": 16,
         "dropout": 0.0,
         "bias": "none",
-        "target_modules": list(bench.LORA_TARGETS),
+        "target_modules": list(workload.LORA_TARGETS),
     }
     assert hf["model"]["gradient_checkpointing"] is True and hf["data"] == {"max_length": 2048}
     assert hf["model"]["offload_checkpoints"] is True  # Unsloth's own mode unless --checkpointing gpu
-    plain = bench.loader_config({**spec, "path": "shim", "checkpointing": "gpu"})
+    plain = planning.loader_config({**spec, "path": "shim", "checkpointing": "gpu"})
     assert plain["model"]["offload_checkpoints"] is False
 
 
 def test_checkpointing_option_reaches_the_specs_and_the_report() -> None:
     cases, settings = _plan("--qkv-bias-compare", "--checkpointing", "gpu")
     assert settings.checkpointing == "gpu"
-    spec = bench.case_spec(cases[0], settings, Path("/c"))
+    spec = runner.case_spec(cases[0], settings, Path("/c"))
     assert spec["checkpointing"] == "gpu"
-    assert bench.loader_config(spec)["model"]["offload_checkpoints"] is False
+    assert planning.loader_config(spec)["model"]["offload_checkpoints"] is False
     assert _plan()[1].checkpointing == "offload"
     row = {"shape": "qwen2.5-1.5b", "precision": "bf16", "checkpointing": "gpu"}
-    assert "activations kept on the card" in bench._checkpointing_text([row], settings)
+    assert "activations kept on the card" in report._checkpointing_text([row], settings)
     offload = {**row, "checkpointing": "offload"}
-    assert "offloaded to host memory" in bench._checkpointing_text([offload], Settings())
-    assert "differs between the merged runs" in bench._checkpointing_text([row, offload], settings)
+    assert "offloaded to host memory" in report._checkpointing_text([offload], Settings())
+    assert "differs between the merged runs" in report._checkpointing_text([row, offload], settings)
 
 
 def test_drop_qkv_bias_removes_every_q_k_v_bias_and_the_model_still_trains() -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(bench.build_config(SHAPES["tiny-qwen2"]))
-    assert _bench_worker.drop_qkv_bias(model) == 2 * 3
+    model = AutoModelForCausalLM.from_config(workload.build_config(SHAPES["tiny-qwen2"]))
+    assert worker.drop_qkv_bias(model) == 2 * 3
     attention = model.model.layers[0].self_attn
     assert attention.q_proj.bias is None and attention.k_proj.bias is None and attention.v_proj.bias is None
-    assert _bench_worker.drop_qkv_bias(model) == 0
-    assert _bench_worker.qkv_forward(model) == {"none": 2}
+    assert worker.drop_qkv_bias(model) == 0
+    assert worker.qkv_forward(model) == {"none": 2}
     ids = torch.randint(0, 1024, (1, 16))
     model(input_ids=ids, labels=ids).loss.backward()
 
 
 def test_error_line() -> None:
-    assert _bench_worker.error_line(RuntimeError("CUDA out of memory.\nTried 2 GiB")) == (
+    assert worker.error_line(RuntimeError("CUDA out of memory.\nTried 2 GiB")) == (
         "RuntimeError: CUDA out of memory. ... Tried 2 GiB"
     )
-    assert _bench_worker.error_line(AssertionError()) == "AssertionError"
+    assert worker.error_line(AssertionError()) == "AssertionError"
 
 
 def test_cpu_run_end_to_end_records_hf_and_a_failing_unsloth_worker(
@@ -750,5 +811,5 @@ def test_cpu_run_end_to_end_records_hf_and_a_failing_unsloth_worker(
     assert report["commands"][0].startswith("python -m unsloth_qwen_compat bench --device cpu")
     assert (out / "bench.md").read_text().count("| tiny-qwen3 |") == 2
     assert (out / "logs" / "train-tiny-qwen3-bf16-hf.log").is_file()
-    checkpoint = bench.checkpoint_dir(SHAPES["tiny-qwen3"], tmp_path / "cache")
-    assert bench.checkpoint_ready(checkpoint) and (checkpoint / "tokenizer.json").is_file()
+    checkpoint = checkpoints.checkpoint_dir(SHAPES["tiny-qwen3"], tmp_path / "cache")
+    assert checkpoints.checkpoint_ready(checkpoint) and (checkpoint / "tokenizer.json").is_file()

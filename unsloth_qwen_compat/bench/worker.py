@@ -1,13 +1,13 @@
-"""One benchmark case, in a process of its own (started by :mod:`unsloth_qwen_compat.bench`).
+"""One benchmark case, in a process of its own (started by :mod:`unsloth_qwen_compat.bench.runner`).
 
-The parent starts this file by path (``runpy``), not as ``-m unsloth_qwen_compat._bench_worker``:
+The parent starts this file by path (``runpy``), not as ``-m unsloth_qwen_compat.bench.worker``:
 the ``hf`` path must hide Unsloth before anything imports ``unsloth_qwen_compat``, whose
 ``__init__`` imports Unsloth. So this module imports nothing of the package at the top.
 
-Argument: a JSON spec (see ``bench.case_spec``). Modes:
+Argument: a JSON spec (see ``runner.case_spec``). Modes:
 
 - ``prepare``: build the shape's random-weight bf16 checkpoint (on the GPU when there is
-  one) with the conformance zoo's tokenizer, and ``save_pretrained`` it;
+  one) and a tokenizer, and ``save_pretrained`` them (``checkpoints.build_checkpoint``);
 - ``train``: load through the package's loader, attach LoRA, time the steps;
 - ``bisect``: load once, then the longest sequence that trains one step.
 
@@ -21,39 +21,18 @@ import gc
 import json
 import math
 import os
-import shutil
+import runpy
 import statistics
 import sys
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HIDDEN = ("unsloth", "unsloth_zoo")
-
-
-def hide_unsloth() -> None:
-    """Make Unsloth unimportable and uninstalled-looking here: the HF path must be stock transformers."""
-    import importlib.abc
-    import importlib.metadata as metadata
-
-    class HideUnsloth(importlib.abc.MetaPathFinder):
-        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-            if name.split(".")[0] in HIDDEN:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, HideUnsloth())
-    real_version = metadata.version
-
-    def version(name: str) -> str:
-        if name.replace("-", "_") in HIDDEN:
-            raise metadata.PackageNotFoundError(name)
-        return real_version(name)
-
-    metadata.version = version
+#: The package's Unsloth hider, run by path: importing it through the package would import Unsloth.
+HIDE_UNSLOTH_FILE = Path(__file__).resolve().parents[1] / "_hide_unsloth.py"
 
 
 def error_line(exc: BaseException) -> str:
@@ -72,53 +51,13 @@ def _log(message: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _zoo_tokenizer() -> Any:
-    """The conformance zoo's tokenizer builder (a tiny Qwen-style BPE that Unsloth accepts)."""
-    try:
-        from conformance import zoo_tokenizer
-    except ImportError as exc:
-        raise RuntimeError(
-            "building a bench checkpoint needs conformance/zoo_tokenizer.py from the repository "
-            "checkout next to the package; run the bench from a checkout"
-        ) from exc
-    return zoo_tokenizer
-
-
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from unsloth_qwen_compat.bench.checkpoints import build_checkpoint
 
-    from unsloth_qwen_compat import bench
-    from unsloth_qwen_compat.loading import _dtype_keyword
-
-    shape = bench.SHAPES[spec["shape"]]
-    target = Path(spec["checkpoint"])
-    zoo_tokenizer = _zoo_tokenizer()
-    tokenizer = zoo_tokenizer.build_tokenizer(shape.model_type)
-    config = bench.build_config(shape)
-    config.bos_token_id = config.pad_token_id = tokenizer.convert_tokens_to_ids(zoo_tokenizer.ENDOFTEXT)
-    config.eos_token_id = tokenizer.convert_tokens_to_ids(zoo_tokenizer.IM_END)
-    device = "cuda" if spec["device"] == "cuda" and torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
-    torch.manual_seed(spec["seed"])
-    # Built directly in bf16 on the GPU: an 8B model initialises in seconds there.
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, **{_dtype_keyword(): torch.bfloat16})
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim >= 2:  # matrices N(0, 0.02); norms stay 1, biases 0
-                parameter.normal_(0.0, 0.02)
-    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "bench_shape.json").write_text(json.dumps(asdict(shape), indent=1))
-    (staging / "COMPLETE").write_text("ok\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    parameters = sum(p.numel() for p in model.parameters())
-    _log(f"built {shape.name}: {parameters / 1e9:.3f}B parameters in {time.perf_counter() - started:.1f} s")
-    return {"parameters": parameters, "build_device": device}
+    built = build_checkpoint(spec["shape"], Path(spec["checkpoint"]), spec["device"], spec["seed"])
+    seconds = built.pop("build_seconds")
+    _log(f"built {spec['shape']}: {built['parameters'] / 1e9:.3f}B parameters in {seconds:.1f} s")
+    return built
 
 
 # --------------------------------------------------------------------------------------
@@ -196,10 +135,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from unsloth_qwen_compat import bench
+    from unsloth_qwen_compat.bench.planning import loader_config
+    from unsloth_qwen_compat.bench.workload import GIB, LEARNING_RATE, SHAPES
     from unsloth_qwen_compat.loading import attach_lora, count_trainable_parameters, load_base_model
 
-    shape = bench.SHAPES[spec["shape"]]
+    shape = SHAPES[spec["shape"]]
     cuda = torch.cuda.is_available()
     result: dict[str, Any] = {
         "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -208,8 +148,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if cuda:
         free, total = torch.cuda.mem_get_info()
-        result.update(gpu_free_gib_at_start=free / bench.GIB, gpu_total_gib=total / bench.GIB)
-    config = bench.loader_config(spec)
+        result.update(gpu_free_gib_at_start=free / GIB, gpu_total_gib=total / GIB)
+    config = loader_config(spec)
     started = time.perf_counter()
     model, _ = load_base_model(config)
     result["dropped_qkv_biases"] = drop_qkv_bias(model) if spec["drop_qkv_bias"] else 0
@@ -218,7 +158,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     result["load_seconds"] = time.perf_counter() - started
     result["trainable_params"] = count_trainable_parameters(model)
     result["apply_qkv"] = qkv_forward(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=bench.LEARNING_RATE)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator().manual_seed(spec["seed"])
 
@@ -242,7 +182,7 @@ def _timed_steps(
 ) -> dict[str, Any]:
     import torch
 
-    from unsloth_qwen_compat import bench
+    from unsloth_qwen_compat.bench.workload import GIB
 
     seconds, losses, ended_at = [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
@@ -277,15 +217,39 @@ def _timed_steps(
         "median_step_s": median,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / bench.GIB if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / bench.GIB if cuda else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
     }
+
+
+def longest_fitting(fits: Callable[[int], bool], low: int, high: int, step: int) -> int | None:
+    """The largest ``n`` of ``low, low + step, ... <= high`` with ``fits(n)``; None if ``low`` fails.
+
+    Assumes ``fits`` holds up to some length and fails above it (memory grows with length).
+    Probes ``low`` first (a shape that cannot train at all costs one probe), then the top (a
+    path that fits everything costs two), then bisects.
+    """
+    if step <= 0 or high < low:
+        raise ValueError(f"need step > 0 and high >= low, got low={low} high={high} step={step}")
+    if not fits(low):
+        return None
+    good, bad = 0, (high - low) // step  # indices into the candidates: good fits, bad unknown
+    # With one candidate (low == high) the top is low itself, already probed: a probe can take minutes.
+    if bad and fits(low + bad * step):
+        return low + bad * step
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(low + middle * step):
+            good = middle
+        else:
+            bad = middle
+    return low + good * step
 
 
 def _bisect(spec: dict[str, Any], model: Any, optimizer: Any, random_ids: Any, cuda: bool) -> dict[str, Any]:
     import torch
 
-    from unsloth_qwen_compat import bench
+    from unsloth_qwen_compat.bench.workload import GIB
 
     probes: list[dict[str, Any]] = []
 
@@ -307,7 +271,7 @@ def _bisect(spec: dict[str, Any], model: Any, optimizer: Any, random_ids: Any, c
         gc.collect()
         if cuda:
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / bench.GIB
+            peak = torch.cuda.max_memory_allocated() / GIB
             torch.cuda.empty_cache()
         else:
             peak = None
@@ -324,7 +288,7 @@ def _bisect(spec: dict[str, Any], model: Any, optimizer: Any, random_ids: Any, c
         return error is None
 
     bounds = spec["bisect"]
-    longest = bench.longest_fitting(fits, bounds["low"], bounds["high"], bounds["step"])
+    longest = longest_fitting(fits, bounds["low"], bounds["high"], bounds["step"])
     return {"longest": longest, "probes": probes}
 
 
@@ -350,7 +314,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     result["patches"] = {p["name"]: p["action"] for p in report["patches"]}
     result["unsloth_mode"] = report["environment"]["unsloth_mode"]
     if spec["path"] == "hf":
-        imported = [name for name in HIDDEN if name in sys.modules]
+        from unsloth_qwen_compat._hide_unsloth import imported_hidden
+
+        imported = imported_hidden()
         assert not imported, f"the hf path imported {', '.join(imported)}"
     result["unsloth_imported"] = "unsloth" in sys.modules
     return result
@@ -359,7 +325,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     if spec["path"] == "hf":
-        hide_unsloth()
+        runpy.run_path(str(HIDE_UNSLOTH_FILE))["hide_unsloth"]()
     started = time.perf_counter()
     try:
         result = {**run(spec), "status": "ok"}
