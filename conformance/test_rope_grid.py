@@ -32,6 +32,15 @@ pytestmark = pytest.mark.rope
 
 
 def _run_candidate(cell: rope_grid.Cell, dtype: str) -> dict:
+    """One cell on the candidate. An exception that is not the shim's refusal ends this cell as
+    an error (reported by its own test), never the whole family's batch."""
+    try:
+        return _load_and_run(cell, dtype)
+    except Exception as error:  # noqa: BLE001 - recorded and failed per cell
+        return {"outcome": "error", "reason": f"{type(error).__name__}: {error}"[:600]}
+
+
+def _load_and_run(cell: rope_grid.Cell, dtype: str) -> dict:
     model, tokenizer, refusal = candidate.load_or_refusal(cell.spec, cell.max_seq_length, dtype)
     if refusal is not None:
         return {"outcome": "refused", "reason": refusal}
@@ -143,13 +152,20 @@ def test_rope_grid(cell, grid, settings, record):
     )
     if "control" in result:
         shim_run, stock_run = result["control"]["shim"], result["control"]["stock"]
-        assert shim_run["outcome"] == stock_run["outcome"], f"control changed by the shim: {where}"
+        assert (shim_run["outcome"], shim_run.get("reason")) == (
+            stock_run["outcome"],
+            stock_run.get("reason"),
+        ), (
+            f"control changed by the shim: {shim_run.get('reason')} vs stock {stock_run.get('reason')}. {where}"
+        )
         if shim_run["outcome"] == "loaded":
             assert shim_run["rope"] == stock_run["rope"], f"{where}: exposed RoPE differs with the shim"
             diff = (shim_run["logits"] - stock_run["logits"]).abs().max().item()
             record("control_shim_vs_stock_max_abs", diff, 0.0, settings.dtype, diff == 0.0)
             assert diff == 0.0, f"{where}: logits differ from stock Unsloth by {diff:.3g}"
         return
+    if result["outcome"] == "error":
+        pytest.fail(f"load or forward raised: {result['reason']}. {where}", pytrace=False)
     if result["outcome"] == "refused":
         allowed = facts["length_dependent"] or refusals.expected(cell.spec.family) is not None
         assert allowed, f"refused where the contract allows no refusal: {where}\n  {result['reason']}"
