@@ -29,7 +29,7 @@ launch() {  # LEG MODE DTYPE SITE MUTATION PYTEST_ARGS...
     cd "$work" &&
       PYTHONPATH=$site:$repo CONFORMANCE_CACHE=${TMPDIR:-/tmp}/conformance-cache-$leg \
       CONFORMANCE_DTYPE=$dtype UNSLOTH_QWEN_COMPAT_DISABLE=$disable CONFORMANCE_MUTATION=$mutation \
-      PYTHONUNBUFFERED=1 timeout "${CONFORMANCE_TIMEOUT:-3000}" python3 -m conformance --report "$out" -p no:cacheprovider "$@" >"$out/log.txt" 2>&1
+      PYTHONUNBUFFERED=1 timeout -s INT -k 30 "${CONFORMANCE_TIMEOUT:-3000}" python3 -m conformance --report "$out" -p no:cacheprovider "$@" >"$out/log.txt" 2>&1
     echo "$leg $mode: exit $?" >>"$root/exits.txt"
   ) &
   pids+=($!)
@@ -53,6 +53,7 @@ for spec in "${legs[@]}"; do
   for mode in shim stock; do
     launch "$leg" "$mode" "$dtype" "$site" "" "$@"
   done
+  # CONFORMANCE_TIMEOUT (s) interrupts a run, which still writes its report.
   # CONFORMANCE_MUTATIONS="NAME=KEXPR ...": the shim run again with each deliberate defect
   # (conformance/mutations.py) on the cases KEXPR selects (a pytest -k expression, + for
   # spaces); each case that goes through the mutated code must fail.
