@@ -247,10 +247,10 @@ def qkv_verdict(row: Mapping[str, Any]) -> str:
     :func:`summarize_qkv`; "not resolved" (and why) where the runs cannot say."""
     closed = row["gap_closed"]
     if row["missing_runs"]:
-        given = "" if closed is None else f"; the runs there are give {closed:.2f}"
+        given = "" if closed is None else f"; {closed:.2f} from the runs there are"
         return (
-            f"not resolved: {', '.join(row['missing_runs'])} did not run, so the stock runs do not "
-            f"bracket the others and drift over the run cannot be told from the gap{given}"
+            f"not resolved: {', '.join(row['missing_runs'])} did not run (the plan's stock runs bracket "
+            f"drift over the run){given}"
         )
     if row["gap_within_noise"]:
         gap = statistics.fmean(row["stock_s"]) - row["bound_s"]
@@ -347,14 +347,16 @@ def render_markdown(
     card: str,
     installed: Mapping[str, str | None],
     heading: str = "#",
+    title: str | None = None,
 ) -> str:
     """bench.md / max_seq.md / qkv_bias.md: the card, the versions, the command, the table.
 
-    ``heading``: the title's markdown level (a section of a larger page takes ``###``).
+    ``heading`` and ``title``: the title's markdown level and text (default the mode's
+    title; a section of a larger page takes ``###``).
     """
     peak = peak_bf16_flops(card)
     lines = [
-        f"{heading} {TITLES[kind]}",
+        f"{heading} {title or TITLES[kind]}",
         "",
         f"- card: {card}"
         + (f" (MFU against {peak / 1e12:.0f} TFLOP/s dense bf16)" if kind == "train" and peak else ""),
@@ -368,8 +370,10 @@ def render_markdown(
     ]
     if settings.gpus:
         lines.append(
-            f"- run on GPUs {','.join(settings.gpus)} at once (`--gpus`): the runs of one row share one card "
-            "(`gpu` of each case in the JSON), so its ratios are taken on a single card"
+            f"- run on GPU {settings.gpus[0]} (`--gpus`)"
+            if len(settings.gpus) == 1
+            else f"- run on GPUs {','.join(settings.gpus)} at once (`--gpus`): the runs of one row share one "
+            "card (`gpu` of each case in the JSON), so its ratios are taken on a single card"
         )
     if kind == "train":
         lines += [
