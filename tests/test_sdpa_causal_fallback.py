@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,9 +18,21 @@ def _qkv(q_len: int, kv_len: int):
     return torch.randn(2, 4, q_len, 8), torch.randn(2, 4, kv_len, 8), torch.randn(2, 4, kv_len, 8)
 
 
+class StandInAttention:
+    """Stand-in for an attention module running Unsloth's LlamaAttention_fast_forward, which
+    calls the SDPA global directly with the module as ``self``."""
+
+    def __init__(self, model_type: str, sdpa) -> None:
+        self.config = SimpleNamespace(model_type=model_type)
+        self.sdpa = sdpa
+
+    def forward(self, q, k, v, **kwargs):
+        return self.sdpa(q, k, v, **kwargs)
+
+
 def test_unmasked_full_sequence_becomes_causal() -> None:
     q, k, v = _qkv(6, 6)
-    wrapped = causal_when_unmasked(F.scaled_dot_product_attention)
+    wrapped = StandInAttention("qwen2", causal_when_unmasked(F.scaled_dot_product_attention)).forward
     got = wrapped(q, k, v, attn_mask=None, is_causal=False)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     # Position 2 must not see positions 3-5: same as attending over the prefix alone.
@@ -26,8 +41,17 @@ def test_unmasked_full_sequence_becomes_causal() -> None:
     assert not torch.allclose(got, F.scaled_dot_product_attention(q, k, v))  # the stock call differs
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", None])
+def test_other_models_keep_stock_behaviour(model_type) -> None:
+    q, k, v = _qkv(6, 6)
+    sdpa = causal_when_unmasked(F.scaled_dot_product_attention)
+    caller = StandInAttention(model_type, sdpa).forward if model_type else sdpa
+    got = caller(q, k, v, attn_mask=None, is_causal=False)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v))  # as upstream calls it
+
+
 def test_decode_steps_and_masked_calls_are_passed_through() -> None:
-    wrapped = causal_when_unmasked(F.scaled_dot_product_attention)
+    wrapped = StandInAttention("qwen3", causal_when_unmasked(F.scaled_dot_product_attention)).forward
     q, k, v = _qkv(1, 6)  # one new token against the cache: attends to everything
     torch.testing.assert_close(
         wrapped(q, k, v, attn_mask=None, is_causal=False), F.scaled_dot_product_attention(q, k, v)

@@ -31,18 +31,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-#: The model types this package claims. Every RoPE decision is gated on them: another model
-#: type (Llama, Mistral, ...) gets exactly what stock Unsloth does.
-QWEN_MODEL_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
+from ._qwen import QWEN_MODEL_TYPES, is_qwen  # noqa: F401  (the gate every RoPE decision uses)
 
 SAME, EXTENDED, REFUSED = "same", "extended", "refused"
 
 #: Types whose stretch grows past their coverage (factor = max_seq_length / window).
 GROWN_TYPES = ("linear", "yarn")
-
-
-def is_qwen(config: Any) -> bool:
-    return getattr(config, "model_type", None) in QWEN_MODEL_TYPES
 
 
 def rope_scaling_of(config: Any) -> dict[str, Any]:

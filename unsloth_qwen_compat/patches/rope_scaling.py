@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._env import Environment
+from .._qwen import is_qwen
 from .._registry import (
     AttributeSwaps,
     Patch,
@@ -47,7 +48,6 @@ from ..rope_contract import (
     RopePlan,
     build_config,
     coverage,
-    is_qwen,
     plan_rope,
     rope_scaling_of,
     rope_tables,

@@ -12,24 +12,36 @@ The fix makes the SDPA call causal exactly where upstream's is missing it: Unslo
 module reads ``scaled_dot_product_attention`` as a global at call time, so the patch
 swaps in a wrapper that sets ``is_causal=True`` for a call with no mask whose queries and
 keys have the same length (a full-sequence forward: training or prefill). Decode steps
-(one query against the cache) and masked calls are passed through unchanged.
+(one query against the cache), masked calls, and calls from a non-Qwen model's attention
+(Llama and Mistral run the same function) are passed through unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 from .._env import Environment
+from .._qwen import is_qwen
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
 from ._common import Unavailable, code_mentions, unsloth_module
+
+
+def _called_by_qwen_attention() -> bool:
+    """Whether the attention module calling SDPA is a Qwen model's. Unsloth's
+    ``LlamaAttention_fast_forward`` calls it directly with the module as ``self``; a Llama or
+    Mistral (which run the same function) keeps stock behaviour."""
+    caller = sys._getframe(2)  # 0: here, 1: the SDPA wrapper, 2: the attention forward
+    return is_qwen(getattr(caller.f_locals.get("self"), "config", None))
 
 
 def causal_when_unmasked(sdpa: Any) -> Any:
     @functools.wraps(sdpa)
     def scaled_dot_product_attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
         unmasked = kwargs.get("attn_mask") is None and not args
-        if unmasked and not kwargs.get("is_causal", False) and query.shape[-2] == key.shape[-2] > 1:
+        full_sequence = query.shape[-2] == key.shape[-2] > 1
+        if unmasked and not kwargs.get("is_causal", False) and full_sequence and _called_by_qwen_attention():
             kwargs["is_causal"] = True
         return sdpa(query, key, value, *args, **kwargs)
 
