@@ -50,10 +50,11 @@ for spec in "${legs[@]}"; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" ||
       { echo "leg $leg: install failed"; continue; }
   fi
-  for mode in shim stock; do
+  for mode in ${CONFORMANCE_MODES:-shim stock}; do
     launch "$leg" "$mode" "$dtype" "$site" "" "$@"
   done
-  # CONFORMANCE_TIMEOUT (s) interrupts a run, which still writes its report.
+  # CONFORMANCE_MODES picks the runs (default "shim stock"); CONFORMANCE_TIMEOUT (s)
+  # interrupts a run, which still writes its report.
   # CONFORMANCE_MUTATIONS="NAME=KEXPR ...": the shim run again with each deliberate defect
   # (conformance/mutations.py) on the cases KEXPR selects (a pytest -k expression, + for
   # spaces); each case that goes through the mutated code must fail.
