@@ -20,22 +20,23 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+#: A grid case id; pytest-xdist's loadgroup appends "@<group>".
 CELL = re.compile(
-    r"test_rope_grid\[(?P<family>[a-z0-9_]+)-(?P<type>[a-z0-9_]+)-(?P<window>[a-z_]+)-(?P<n>\d+)\]"
+    r"test_rope_grid\[(?P<family>[a-z0-9_]+)-(?P<type>[a-z0-9_]+)-(?P<window>[a-z_]+)-(?P<n>\d+)\](@\S+)?"
 )
 WINDOWS = {"inside": "inside M", "past_max_positions": "past M", "past_coverage": "past coverage"}
 START, END = "<!-- rope-grid:", "<!-- /rope-grid -->"
 CONTROLS = ("llama", "mistral")
 
 
-def outcome(case: dict) -> str:
+def outcome(case: dict, family: str) -> str:
     result = case["result"]
     if result == "refused":
         return "refused"
     if result == "pass":
-        labels = {m["metric"] for m in case["metrics"]}
-        if "control_shim_vs_stock_max_abs" in labels:
+        if family in CONTROLS:  # the shim's run equalled stock Unsloth's (logits, or its error)
             return "= stock"
+        labels = {m["metric"] for m in case["metrics"]}
         return "extended" if "logits_rel_vs_exposed" in labels else "right"
     if result == "skip":
         return "skipped"
@@ -53,7 +54,7 @@ def read(reports: Path) -> dict:
         for case in data["cases"]:
             match = CELL.fullmatch(case["case"])
             if match:
-                cells[(match["family"], match["type"], match["window"])] = outcome(case)
+                cells[(match["family"], match["type"], match["window"])] = outcome(case, match["family"])
         if cells:
             legs.setdefault(path.parent.name, {})[path.stem] = {"cells": cells, "header": data}
     return legs
@@ -84,31 +85,40 @@ def table(legs: dict) -> list[str]:
     controls = []
     for leg in names:
         shim = legs[leg].get("shim", {"cells": {}})["cells"]
-        ctrl = [v for (f, _, _), v in shim.items() if f in CONTROLS]
-        if ctrl:
+        parts = []
+        for family in CONTROLS:
+            ctrl = [v for (f, _, _), v in shim.items() if f == family]
             same = sum(v == "= stock" for v in ctrl)
-            controls.append(f"{leg}: {same}/{len(ctrl)} Llama/Mistral cells equal stock Unsloth bit for bit")
+            parts.append(f"{family} {same}/{len(ctrl)}" if ctrl else f"{family} not run")
+        controls.append(f"{leg}: {', '.join(parts)}")
     out = lines
     if controls:
-        out += ["", "Controls with the shim imported: " + "; ".join(controls) + "."]
+        out += [
+            "",
+            "Non-Qwen controls, cells whose shim run equals stock Unsloth's bit for bit: "
+            + "; ".join(controls)
+            + ".",
+        ]
     return out
 
 
 def _cell_text(leg: dict, kind: str) -> str:
     parts = []
     shim = leg.get("shim", {"cells": {}})["cells"]
-    by_window = defaultdict(list)
-    for (family, k, window), value in shim.items():
+    by_window: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for (family, k, window), value in sorted(shim.items()):
         if k == kind and family not in CONTROLS:
-            by_window[window].append(value)
+            by_window[window][value].append(family)
     for window, label in WINDOWS.items():
-        values = by_window.get(window)
-        if not values:
+        families = by_window.get(window)
+        if not families:
             continue
-        distinct = sorted(set(values))
-        text = "/".join(distinct) if len(distinct) > 1 else distinct[0]
-        if "WRONG" in distinct:
-            text = f"**{values.count('WRONG')} of {len(values)} WRONG**"
+        if len(families) == 1:
+            text = next(iter(families))
+        else:  # name the families where they differ
+            text = ", ".join(f"{value} ({' '.join(names)})" for value, names in sorted(families.items()))
+        if "WRONG" in families:
+            text = f"**{text}**"
         parts.append(f"{label}: {text}")
     stock = [
         v

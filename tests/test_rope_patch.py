@@ -502,3 +502,17 @@ def test_conformance_grid_windows_follow_the_contract() -> None:
             assert plan.outcome in (SAME, REFUSED)
         seen.add(cell.rope_type)
     assert seen == set(TYPES)  # every type the installed transformers implements is in the grid
+
+
+def test_readme_rope_table_is_generated_from_the_committed_reports() -> None:
+    from conformance import rope_table
+
+    from .conftest import REPO
+
+    lines = rope_table.table(rope_table.read(REPO / "conformance-reports"))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(rope_table.START) :]
+    block = block[block.index("\n") + 1 : block.index(rope_table.END)]
+    assert block == "\n".join(lines) + "\n", "run: python -m conformance.rope_table --readme README.md"
+    # Every leg's shim run has the grid, and the shim got no cell wrong on any of them.
+    assert all("WRONG" not in line for line in lines[2:])
