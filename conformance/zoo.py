@@ -197,6 +197,9 @@ def make_config(spec: ModelSpec, tokenizer):
         kwargs["head_dim"] = HEAD_DIM
     if spec.family == "mistral":
         kwargs["sliding_window"] = None
+        # MistralConfig keeps head_dim=None, and transformers 4.57's dynamic / yarn / longrope
+        # RoPE functions read that None instead of deriving hidden_size / heads.
+        kwargs["head_dim"] = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
     if spec.family == "qwen3_moe":
         kwargs.update(MOE_SHAPE)
     return AutoConfig.for_model(spec.family, **kwargs)
