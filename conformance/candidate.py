@@ -10,10 +10,7 @@ runs (stock Unsloth) and says so in the report.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-SHIM_DISABLED = os.environ.get("UNSLOTH_QWEN_COMPAT_DISABLE", "") == "1"
 
 try:
     import unsloth_qwen_compat as shim
@@ -21,6 +18,9 @@ except ModuleNotFoundError as error:
     if error.name != "unsloth_qwen_compat":
         raise  # the shim is installed but broken: that must fail loudly, not test stock Unsloth
     shim = None
+
+# Read as the shim reads it (1/true/yes/on ...), so the report says what the shim did.
+SHIM_DISABLED = shim is not None and shim._disabled()
 
 import torch  # noqa: E402
 import unsloth  # noqa: E402,F401  (after the shim, before transformers)
