@@ -141,6 +141,44 @@ def coverage(spec: zoo.ModelSpec) -> int:
     return window  # plain, dynamic, and types without a rule
 
 
+def extension_rule_errors(spec: zoo.ModelSpec, max_seq_length: int, rope: dict[str, Any]) -> list[str]:
+    """How an exposed extension departs from the README's rule for the checkpoint's type, given
+    what the candidate's config says (``exposed_rope``); [] when it follows it.
+
+    The rule: the base and every other parameter stay; plain RoPE becomes linear with factor
+    max_seq_length / M; linear gets factor max_seq_length / M; yarn factor
+    max_seq_length / original (original kept). Other types are never extended.
+    """
+    scaling = spec.scaling or {}
+    kind = scaling.get("rope_type", "default")
+    exposed = dict(rope.get("scaling") or {})
+    errors = []
+    if not math.isclose(rope["theta"], spec.theta, rel_tol=1e-9):
+        errors.append(f"rope_theta {spec.theta:g} -> {rope['theta']:g}")
+    window = spec.max_position_embeddings
+    if kind in ("default", "linear"):
+        expected = {"rope_type": "linear", "factor": max_seq_length / window}
+    elif kind == "yarn":
+        original = scaling.get("original_max_position_embeddings", window)
+        expected = {
+            **scaling,
+            "original_max_position_embeddings": original,
+            "factor": max_seq_length / original,
+        }
+    else:
+        return errors + [f"{kind} is never extended (README)"]
+    for key, value in expected.items():
+        got = exposed.get(key)
+        same = (
+            math.isclose(got, value, rel_tol=1e-9)
+            if isinstance(value, float) and got is not None
+            else got == value
+        )
+        if not same:
+            errors.append(f"{key} {value!r} expected, {got!r} exposed")
+    return errors
+
+
 @dataclass(frozen=True)
 class Cell:
     spec: zoo.ModelSpec

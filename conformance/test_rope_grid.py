@@ -6,7 +6,8 @@ runs that many tokens. The outcome must be one the contract allows:
 - **same**: the loaded model's config describes the checkpoint's own RoPE, and its logits
   match transformers on the checkpoint's config at every position (fp32: rel <= 1e-5);
 - **extended**: only past what the config itself covers, with the type kept (plain RoPE:
-  linear), and the logits match transformers given the config the model exposes;
+  linear) and the factor set by the README's rule (base and other parameters unchanged),
+  and the logits match transformers given the config the model exposes;
 - **refused**: only where transformers' own tables change with the sequence length inside
   ``max_seq_length`` (dynamic NTK, longrope), or where the leg declares the family refused
   (conformance/refusals.py).
@@ -187,6 +188,8 @@ def test_rope_grid(cell, grid, settings, record):
         f"RoPE changed inside the {covered} tokens the config covers: {rope}. {where}"
     )
     assert kind == expected_kind, f"RoPE type changed {cell.rope_type} -> {kind}: {rope}. {where}"
+    departures = rope_grid.extension_rule_errors(cell.spec, cell.max_seq_length, rope)
+    assert not departures, f"extended, but not by the README's rule: {'; '.join(departures)}. {where}"
     message, ok = _compare(
         record, "logits_rel_vs_exposed", result["logits"], result["hf"], "exposed", settings.dtype
     )

@@ -516,3 +516,31 @@ def test_readme_rope_table_is_generated_from_the_committed_reports() -> None:
     assert block == "\n".join(lines) + "\n", "run: python -m conformance.rope_table --readme README.md"
     # Every leg's shim run has the grid, and the shim got no cell wrong on any of them.
     assert all("WRONG" not in line for line in lines[2:])
+
+
+def test_the_plan_extends_by_the_rule_the_conformance_grid_checks() -> None:
+    # The suite's own statement of the README's extension rule, against the shim's plans, and
+    # against deliberately wrong extensions (the mutations the grid must catch).
+    from conformance import rope_grid, zoo
+
+    extended = 0
+    for cell in rope_grid.cells(rope_grid.FAMILIES):
+        spec = cell.spec
+        kwargs = {
+            **zoo.SHAPE,
+            "max_position_embeddings": spec.max_position_embeddings,
+            **zoo.rope_config_kwargs(spec),
+        }
+        if spec.family != "qwen2":
+            kwargs["head_dim"] = zoo.HEAD_DIM
+        plan = plan_rope(transformers.AutoConfig.for_model(spec.family, **kwargs), cell.max_seq_length)
+        if plan.outcome != EXTENDED:
+            continue
+        extended += 1
+        exposed = {"scaling": plan.scaling, "theta": plan.scaling["rope_theta"]}
+        assert rope_grid.extension_rule_errors(spec, cell.max_seq_length, exposed) == [], str(cell)
+        wrong_base = {**exposed, "theta": exposed["theta"] * 1.01}
+        wrong_factor = {**exposed, "scaling": {**plan.scaling, "factor": plan.scaling["factor"] * 1.25}}
+        assert rope_grid.extension_rule_errors(spec, cell.max_seq_length, wrong_base)
+        assert rope_grid.extension_rule_errors(spec, cell.max_seq_length, wrong_factor)
+    assert extended >= 6  # plain, linear and yarn past their coverage on the Qwen families
