@@ -2,7 +2,7 @@
 
 The candidate's tokenizer (as FastLanguageModel.from_pretrained returns it, and after
 unsloth.chat_templates.get_chat_template with Unsloth's Qwen template name) is compared
-with the oracle's tokenizer rendering the template Qwen publishes (templates/*.jinja).
+with the oracle's tokenizer rendering the template Qwen publishes (unsloth_qwen_compat/templates/*.jinja).
 Qwen3 is checked with enable_thinking on and off.
 """
 
