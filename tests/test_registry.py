@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -16,6 +17,7 @@ from unsloth_qwen_compat._registry import (
     native,
     needed,
 )
+from unsloth_qwen_compat.patches import all_patches
 
 ENV = _env.Environment("CPython", "linux", {}, None, _env.UnslothState(_env.MODE_GPU))
 
@@ -41,10 +43,10 @@ class _SwapsEverything(Patch):
     def __init__(self, target, fail_after: int | None = None) -> None:
         self.target, self.fail_after = target, fail_after
 
-    def probe(self, env):
+    def probe(self, module, env):
         return needed("stand-in defect")
 
-    def install(self, swaps, env):
+    def install(self, swaps, module, env):
         steps = [
             lambda: swaps.set_attr(self.target.module, "function", lambda: "patched"),
             lambda: swaps.set_attr(self.target.Child, "own", lambda self: "patched"),
@@ -115,25 +117,25 @@ def test_verdicts_drive_actions() -> None:
     class Native(Patch):
         name, summary = "native_one", "stand-in"
 
-        def probe(self, env):
+        def probe(self, module, env):
             return native("upstream fixed it")
 
     class Unwritten(Patch):
         name, summary, implemented = "unwritten", "stand-in", False
 
-        def probe(self, env):
+        def probe(self, module, env):
             return needed("defect found")
 
     class Unfixable(Patch):
         name, summary = "unfixable", "stand-in"
 
-        def probe(self, env):
+        def probe(self, module, env):
             return needed("defect this release cannot fix", fixable=False)
 
     class Broken(Patch):
         name, summary = "broken_probe", "stand-in"
 
-        def probe(self, env):
+        def probe(self, module, env):
             raise AttributeError("no such thing")
 
     shim = Shim([Native(), Unwritten(), Unfixable(), Broken()])
@@ -172,3 +174,78 @@ def test_attribute_swaps_restore_twice_is_harmless() -> None:
     swaps.restore()
     swaps.restore()
     assert not hasattr(target.module, "added")
+
+
+# -- the declared Unsloth module --------------------------------------------------------
+
+
+class _ReadsModule(Patch):
+    """Declares a stand-in Unsloth module and records what probe and install were given."""
+
+    name, summary = "reads_module", "stand-in"
+    unsloth_module = "stand_in_unsloth.models"
+
+    def __init__(self) -> None:
+        self.given: dict[str, object] = {}
+
+    def probe(self, module, env):
+        self.given["probe"] = module
+        return needed("stand-in defect")
+
+    def install(self, swaps, module, env):
+        self.given["install"] = module
+        swaps.set_attr(module, "patched", True)
+
+
+def test_the_declared_module_is_imported_once_and_handed_to_probe_and_install(monkeypatch) -> None:
+    module = types.ModuleType("stand_in_unsloth.models")
+    monkeypatch.setitem(sys.modules, "stand_in_unsloth.models", module)
+    patch = _ReadsModule()
+    shim = Shim([patch])
+    shim.probe_all(ENV)
+    monkeypatch.delitem(sys.modules, "stand_in_unsloth.models")  # install must not import again
+    shim.apply(ENV)
+    assert patch.given == {"probe": module, "install": module}
+    assert shim.ledger["reads_module"].action is Action.APPLIED and module.patched is True
+    shim.revert()
+    assert not hasattr(module, "patched")
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "reason"),
+    [
+        (_env.MODE_MISSING, None, "Unsloth is not installed: the HF path needs no patch"),
+        (_env.MODE_IMPORT_FAILED, "RuntimeError: CUDA driver too old", "`import unsloth` failed"),
+        (_env.MODE_NOT_IMPORTED, None, "Unsloth was not imported"),
+        (_env.MODE_CPU_FALLBACK, None, "CPU fallback mode"),
+    ],
+)
+def test_without_usable_unsloth_the_probe_never_runs(mode, error, reason) -> None:
+    env = _env.Environment("CPython", "linux", {}, None, _env.UnslothState(mode, error))
+    patch = _ReadsModule()
+    shim = Shim([patch])
+    shim.probe_all(env)
+    shim.apply(env)
+    entry = shim.ledger["reads_module"]
+    assert (entry.verdict, entry.action) == (Verdict.UNSUPPORTED, Action.SKIPPED)
+    assert reason in entry.reason and (error or "") in entry.reason
+    assert patch.given == {}
+
+
+def test_a_declared_module_that_does_not_import_is_unsupported() -> None:
+    patch = _ReadsModule()
+    shim = Shim([patch])
+    shim.probe_all(ENV)
+    assert shim.ledger["reads_module"].verdict is Verdict.UNSUPPORTED
+    assert shim.ledger["reads_module"].reason.startswith(
+        "cannot import stand_in_unsloth.models: ModuleNotFoundError"
+    )
+    assert patch.given == {}
+
+
+def test_every_patch_declares_an_unsloth_module() -> None:
+    missing = _env.Environment("CPython", "linux", {}, None, _env.UnslothState(_env.MODE_MISSING))
+    patches = all_patches()
+    assert all(p.unsloth_module and p.unsloth_module.startswith("unsloth.") for p in patches)
+    ledger = Shim(patches).probe_all(missing)
+    assert {e.reason for e in ledger.values()} == {"Unsloth is not installed: the HF path needs no patch"}

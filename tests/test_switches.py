@@ -98,10 +98,10 @@ class _OptIn(Patch):
     name, summary = "opt_in", "stand-in speed patch"
     opt_in_env = "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"
 
-    def probe(self, env):
+    def probe(self, module, env):
         return needed("stand-in defect")
 
-    def install(self, swaps, env):
+    def install(self, swaps, module, env):
         pass
 
 

@@ -3,18 +3,31 @@
 A patch never edits files. Every change it makes goes through :class:`AttributeSwaps`,
 which remembers what stood there before, so that a failure half-way through and an
 explicit :meth:`Shim.revert` both put back the very same objects (``is``-identical).
+
+A patch declares the Unsloth module it works on (:attr:`Patch.unsloth_module`); the
+:class:`Shim` imports it once, hands it to the patch's probe and install, and turns
+"Unsloth's GPU code is not here" into an ``unsupported`` verdict before the probe runs.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import importlib
 import logging
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
+from types import ModuleType
 from typing import Any, ClassVar
 
-from ._env import Environment, switch
+from ._env import (
+    MODE_CPU_FALLBACK,
+    MODE_IMPORT_FAILED,
+    MODE_MISSING,
+    MODE_NOT_IMPORTED,
+    Environment,
+    switch,
+)
 
 logger = logging.getLogger("unsloth_qwen_compat")
 
@@ -69,6 +82,38 @@ class UnsupportedConfigurationError(NotImplementedError):
     Raised instead of letting upstream train wrong or fail obscurely; the message says
     what to do instead (another path, setting or Unsloth version).
     """
+
+
+_WHY_UNAVAILABLE = {
+    MODE_MISSING: "Unsloth is not installed: the HF path needs no patch",
+    MODE_IMPORT_FAILED: "`import unsloth` failed, so there is nothing to patch",
+    MODE_NOT_IMPORTED: "Unsloth was not imported",
+    MODE_CPU_FALLBACK: (
+        "Unsloth runs in its CPU fallback mode (no GPU), which is stock transformers code; "
+        "UNSLOTH_ALLOW_CPU=1 inspects its GPU code instead"
+    ),
+}
+
+
+class Unavailable(Exception):
+    """Unsloth's GPU code cannot be inspected here; ``result`` says why."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+def import_unsloth(env: Environment, dotted: str) -> ModuleType:
+    """Import ``dotted`` (e.g. ``unsloth.models.llama``) if Unsloth's GPU code is usable here."""
+    if not env.unsloth.usable:
+        reason = _WHY_UNAVAILABLE.get(env.unsloth.mode, f"Unsloth mode {env.unsloth.mode}")
+        if env.unsloth.mode == MODE_IMPORT_FAILED and env.unsloth.error:
+            reason += f" ({env.unsloth.error})"
+        raise Unavailable(unsupported(reason))
+    try:
+        return importlib.import_module(dotted)
+    except Exception as exc:
+        raise Unavailable(unsupported(f"cannot import {dotted}: {type(exc).__name__}: {exc}")) from exc
 
 
 _MISSING = object()
@@ -126,13 +171,18 @@ class AttributeSwaps:
 class Patch(abc.ABC):
     """One fix for one defect of some Unsloth versions.
 
-    Subclasses set ``name`` and ``summary``, decide with :meth:`probe` from what the
-    installed code does (the version number is at most a hint, so a backport is never
-    patched twice) and make their changes in :meth:`install` through ``swaps`` only.
+    Subclasses set ``name``, ``summary`` and ``unsloth_module``, decide with :meth:`probe`
+    from what the installed code does (the version number is at most a hint, so a backport
+    is never patched twice) and make their changes in :meth:`install` through ``swaps`` only.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    #: The Unsloth module the patch inspects and changes (e.g. ``unsloth.models.llama``). The
+    #: Shim imports it and passes it to :meth:`probe` and :meth:`install`; where Unsloth's GPU
+    #: code is not usable the verdict is ``unsupported`` and the probe does not run.
+    #: None: the patch needs no Unsloth module and gets None.
+    unsloth_module: ClassVar[str | None] = None
     #: False for a slot whose probe is real but whose patch body is not written yet.
     implemented: ClassVar[bool] = True
     #: True for a patch that only makes training faster: leaving it unapplied is not warned about.
@@ -147,9 +197,10 @@ class Patch(abc.ABC):
     reproduction: ClassVar[str] = ""
 
     @abc.abstractmethod
-    def probe(self, env: Environment) -> ProbeResult: ...
+    def probe(self, module: ModuleType | None, env: Environment) -> ProbeResult:
+        """The verdict on this install; ``module`` is the imported :attr:`unsloth_module`."""
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
+    def install(self, swaps: AttributeSwaps, module: ModuleType | None, env: Environment) -> None:
         raise NotImplementedError(f"{self.name}: no patch body in this release")
 
 
@@ -181,12 +232,24 @@ class Shim:
             self.patches[patch.name] = patch
         self.ledger: dict[str, LedgerEntry] = {}
         self._swaps: dict[str, AttributeSwaps] = {}
+        #: Each probed patch's imported ``unsloth_module``, handed to its install.
+        self._modules: dict[str, ModuleType | None] = {}
 
     # -- probing -------------------------------------------------------------------
+    def _probe(self, patch: Patch, env: Environment) -> ProbeResult:
+        module = None
+        if patch.unsloth_module is not None:
+            try:
+                module = import_unsloth(env, patch.unsloth_module)
+            except Unavailable as why:
+                return why.result
+        self._modules[patch.name] = module
+        return patch.probe(module, env)
+
     def probe_all(self, env: Environment) -> dict[str, LedgerEntry]:
         for patch in self.patches.values():
             try:
-                result = patch.probe(env)
+                result = self._probe(patch, env)
             except Exception as exc:  # a probe bug must not break `import`
                 result = unsupported(f"probe raised {type(exc).__name__}: {exc}")
             self.ledger[patch.name] = LedgerEntry(
@@ -227,7 +290,7 @@ class Shim:
                 continue
             swaps = AttributeSwaps()
             try:
-                patch.install(swaps, env)
+                patch.install(swaps, self._modules[name], env)
             except Exception as exc:
                 swaps.restore()
                 entry.action = Action.FAILED

@@ -5,7 +5,7 @@
 2025.4) gets the template Qwen publishes (``unsloth_qwen_compat/templates``, byte copies
 of the checkpoints' ``chat_template``) under all of its names, as does a Qwen3 template
 that ignores ``enable_thinking``. The probe checks presence
-only: rendering a template needs Jinja (about 0.1 s), too slow for import time; the
+only: rendering a template means compiling it with Jinja, too slow for import time; the
 conformance suite's chat-template case compares renderings with Qwen's templates.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from types import ModuleType
 from typing import Any
 
 from .._env import Environment
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
-from ._common import Unavailable, unsloth_module
 
 #: Family -> (published template file, the names Unsloth registers it under).
 FAMILIES = {
@@ -47,13 +47,10 @@ def missing_families(registry: dict[str, Any]) -> dict[str, str]:
 class ChatTemplates(Patch):
     name = "chat_templates"
     summary = "Qwen2.5 and Qwen3 (thinking on/off) chat templates registered"
+    unsloth_module = "unsloth.chat_templates"
     conformance_cases = ("test_chat_template",)
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            module = unsloth_module(env, "unsloth.chat_templates")
-        except Unavailable as why:
-            return why.result
+    def probe(self, module: ModuleType, env: Environment) -> ProbeResult:
         registry = getattr(module, "CHAT_TEMPLATES", None)
         if not isinstance(registry, dict):
             return unsupported("unsloth.chat_templates has no CHAT_TEMPLATES registry")
@@ -62,8 +59,7 @@ class ChatTemplates(Patch):
             return needed("; ".join(f"{family} template {why}" for family, why in missing.items()))
         return native("Qwen2.5 and Qwen3 (enable_thinking) templates registered")
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        module = unsloth_module(env, "unsloth.chat_templates")
+    def install(self, swaps: AttributeSwaps, module: ModuleType, env: Environment) -> None:
         registry = module.CHAT_TEMPLATES
         system_messages = getattr(module, "DEFAULT_SYSTEM_MESSAGE", None)
         for family in missing_families(registry):

@@ -15,7 +15,8 @@ which is all ones, so transformers returns ``None`` ("nothing masked, one query"
 SDPA over the whole cache with no mask (llama.py:359-363, qwen3.py:376-379): every
 decoded token of a padded row attends to the pad tokens' keys and values. The prefill
 is right (it gets the full mask), so the first new token is right and the rest drift
-(26-30 of 48 tokens differ from HF on an H200). 2026.10.9 keeps the 2D mask (its fallback,
+from HF (the conformance suite's ``left_padded_batch`` generation cases measure how far:
+CONFORMANCE.md, legs 2025.10 and 2025.3). 2026.10.9 keeps the 2D mask (its fallback,
 llama.py:535-541, no longer slices it), derives position ids from it (llama.py:543-552)
 and masks the decode step with it for any batch size (llama.py:1762-1772, 805-835).
 
@@ -54,13 +55,12 @@ import functools
 import importlib
 import sys
 from collections.abc import Callable
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from .._env import Environment
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
 from ..lora_targets import model_type_of
-from ._common import Unavailable, unsloth_module
 
 #: Model types whose generation goes through the wrapped function and which this shim owns.
 QWEN_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
@@ -237,6 +237,7 @@ def _probe_bases() -> list[tuple[str, Any, Any]]:
 class KvCacheLeftPadding(Patch):
     name = "kv_cache_left_padding"
     summary = "KV-cache generation of left-padded batches masks the padding"
+    unsloth_module = "unsloth.models.llama"
     conformance_cases = ("test_greedy_generate",)
     reproduction = """\
 import torch
@@ -253,11 +254,7 @@ uncached = model.generate(**kwargs, use_cache=False)
 print((cached != uncached).sum(dim=1))
 """
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            llama = unsloth_module(env, "unsloth.models.llama")
-        except Unavailable as why:
-            return why.result
+    def probe(self, llama: ModuleType, env: Environment) -> ProbeResult:
         prepare = getattr(llama, "_fast_prepare_inputs_for_generation", None)
         if prepare is None or not hasattr(llama, "fix_prepare_inputs_for_generation"):
             return unsupported("_fast_prepare_inputs_for_generation not found: layout changed upstream")
@@ -284,8 +281,7 @@ print((cached != uncached).sum(dim=1))
             )
         return native("decode steps of left-padded batches keep the padding in their attention mask")
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        llama = unsloth_module(env, "unsloth.models.llama")
+    def install(self, swaps: AttributeSwaps, llama: ModuleType, env: Environment) -> None:
         original = llama._fast_prepare_inputs_for_generation
         if getattr(original, "__unsloth_qwen_compat__", False):
             return

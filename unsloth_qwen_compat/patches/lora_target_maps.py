@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+from types import ModuleType
 from typing import Any
 
 from .._env import Environment
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
 from ..lora_targets import QWEN_LORA_TARGETS, check_target_modules, model_type_of
-from ._common import Unavailable, code_mentions, unsloth_module
+from ._common import code_mentions
 
 
 def _checking_target_modules(get_peft_model: Any) -> Any:
@@ -36,6 +37,7 @@ def _checking_target_modules(get_peft_model: Any) -> Any:
 class LoraTargetMaps(Patch):
     name = "lora_target_maps"
     summary = "LoRA target names for qwen2/qwen3/qwen3_moe; typos are errors"
+    unsloth_module = "unsloth.models.llama"
     conformance_cases = ("test_lora_target_typo_is_rejected",)
     reproduction = """\
 from unsloth import FastLanguageModel
@@ -44,11 +46,7 @@ model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "
 # Prints "You added custom modules" and trains q_proj alone: no error for "v_prj".
 """
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            llama = unsloth_module(env, "unsloth.models.llama")
-        except Unavailable as why:
-            return why.result
+    def probe(self, llama: ModuleType, env: Environment) -> ProbeResult:
         get_peft_model = getattr(getattr(llama, "FastLlamaModel", None), "get_peft_model", None)
         if get_peft_model is None:
             return unsupported("FastLlamaModel.get_peft_model not found: layout changed upstream")
@@ -59,6 +57,5 @@ model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "
             return needed("an unknown target_modules name is accepted with a notice and trains nothing")
         return native("get_peft_model no longer accepts unknown target_modules silently")
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        llama = unsloth_module(env, "unsloth.models.llama")
+    def install(self, swaps: AttributeSwaps, llama: ModuleType, env: Environment) -> None:
         swaps.wrap_staticmethod(llama.FastLlamaModel, "get_peft_model", _checking_target_modules)

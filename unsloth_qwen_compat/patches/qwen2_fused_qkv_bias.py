@@ -54,8 +54,18 @@ from types import CodeType, ModuleType
 from typing import Any
 
 from .._env import Environment, switch, unsloth_switch
-from .._registry import Action, AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
-from ._common import Unavailable, code_mentions, unsloth_module
+from .._registry import (
+    Action,
+    AttributeSwaps,
+    Patch,
+    ProbeResult,
+    Unavailable,
+    import_unsloth,
+    native,
+    needed,
+    unsupported,
+)
+from ._common import code_mentions
 
 logger = logging.getLogger("unsloth_qwen_compat")
 
@@ -530,9 +540,11 @@ def _missing(llama: ModuleType, names: Iterable[str]) -> list[str]:
 class Qwen2FusedQkvBias(Patch):
     name = "qwen2_fused_qkv_bias"
     summary = "fused LoRA QKV kernel for Qwen2's biased q/k/v (speed)"
+    unsloth_module = "unsloth.models.llama"
     speed_only = True
-    # Numerically right on an H100 (2026.10.9, bf16 and 4-bit: conformance test_fused_qkv),
-    # but its speed-up is not measured yet: off unless asked for.
+    # Off unless asked for: on by default it would change what every Qwen2 user trains with,
+    # and that change gets its own GPU conformance run first. Its conformance runs
+    # (test_fused_qkv) are in CONFORMANCE.md, its speed in BENCHMARKS.md.
     opt_in_env = "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"
     conformance_cases = ("test_fused_qkv",)
     reproduction = """\
@@ -554,11 +566,7 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
         #: (layers fused, decoder layers) by the last patch_peft_model call through the shim.
         self.last_fused: tuple[int, int] | None = None
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            llama = unsloth_module(env, "unsloth.models.llama")
-        except Unavailable as why:
-            return why.result
+    def probe(self, llama: ModuleType, env: Environment) -> ProbeResult:
         patch_peft_model = getattr(getattr(llama, "FastLlamaModel", None), "patch_peft_model", None)
         if patch_peft_model is None:
             return unsupported("FastLlamaModel.patch_peft_model not found: layout changed upstream")
@@ -575,7 +583,7 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
         if not _calls(llama.LlamaAttention_fast_forward, "apply_qkv"):
             return unsupported("LlamaAttention_fast_forward no longer projects q/k/v through self.apply_qkv")
         try:
-            qwen2 = unsloth_module(env, "unsloth.models.qwen2")
+            qwen2 = import_unsloth(env, "unsloth.models.qwen2")
         except Unavailable as why:
             return why.result
         pre_patch = getattr(getattr(qwen2, "FastQwen2Model", None), "pre_patch", None)
@@ -584,8 +592,9 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
         if not code_mentions(stock, names=("apply_lora_qkv", "bias")):
             return native("patch_peft_model installs apply_lora_qkv without looking at any bias")
         if not switch(self.opt_in_env or ""):
-            # Reading the gate exactly (source + AST, ~12 ms) is left to those who apply the
-            # patch: import time is paid by every user, and this patch is opt-in.
+            # Reading the gate exactly (source + AST, far slower than reading code objects)
+            # is left to those who apply the patch: import time is paid by every user, and
+            # this patch is opt-in.
             return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
         try:
             gate = _stock_gate(stock)
@@ -595,8 +604,7 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
             return native("the fused LoRA QKV path no longer requires bias-free q/k/v")
         return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        llama = unsloth_module(env, "unsloth.models.llama")
+    def install(self, swaps: AttributeSwaps, llama: ModuleType, env: Environment) -> None:
         if getattr(llama.FastLlamaModel.patch_peft_model, _SHIM_OWNED, None) == _PATCH_NAME:
             return
         # GateLayoutError: the Shim records a failed apply.

@@ -39,11 +39,11 @@ from .._registry import (
     Patch,
     ProbeResult,
     UnsupportedConfigurationError,
+    import_unsloth,
     native,
     needed,
     unsupported,
 )
-from ._common import Unavailable, unsloth_module
 
 #: Unsloth's Llama building blocks the Qwen3 path is made of; all are in 2024.x–2025.3.x.
 _LLAMA_PARTS = (
@@ -314,6 +314,7 @@ def _peft_patching_qwen3(patch_peft_model: Any) -> Any:
 class Qwen3Registration(Patch):
     name = "qwen3_registration"
     summary = "Qwen3 fast path (FastQwen3Model and its dispatch)"
+    unsloth_module = "unsloth.models"
     conformance_cases = (
         "test_forward_logits",
         "test_lora_gradients",
@@ -327,14 +328,10 @@ print(type(model).forward.__qualname__)  # generic path, not Unsloth's fast Llam
 FastLanguageModel.get_peft_model(model, r=8)  # NotImplementedError: qwen3 is not yet implemented
 """
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            models = unsloth_module(env, "unsloth.models")
-        except Unavailable as why:
-            return why.result
+    def probe(self, models: types.ModuleType, env: Environment) -> ProbeResult:
         existing = getattr(models, "FastQwen3Model", None)
         if existing is not None and not getattr(existing, _SHIM_OWNED, False):
-            loader = unsloth_module(env, "unsloth.models.loader")
+            loader = import_unsloth(env, "unsloth.models.loader")
             if getattr(loader, "FastQwen3Model", None) is None:
                 return needed(
                     "FastQwen3Model exists but FastLanguageModel does not dispatch to it", fixable=False
@@ -344,19 +341,18 @@ FastLanguageModel.get_peft_model(model, r=8)  # NotImplementedError: qwen3 is no
             importlib.import_module("transformers.models.qwen3.modeling_qwen3")
         except ImportError:
             return unsupported("this transformers has no Qwen3 (added in 4.51): nothing to register")
-        llama = unsloth_module(env, "unsloth.models.llama")
+        llama = import_unsloth(env, "unsloth.models.llama")
         missing = [part for part in _LLAMA_PARTS if not hasattr(llama, part)]
-        loader = unsloth_module(env, "unsloth.models.loader")
+        loader = import_unsloth(env, "unsloth.models.loader")
         if not hasattr(getattr(loader, "FastLanguageModel", None), "from_pretrained"):
             missing.append("loader.FastLanguageModel")
         if missing:
             return unsupported(f"unsloth.models has no FastQwen3Model and its layout changed: {missing}")
         return needed("unsloth.models has no FastQwen3Model: Qwen3 falls to the generic path or is rejected")
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        models = unsloth_module(env, "unsloth.models")
-        llama = unsloth_module(env, "unsloth.models.llama")
-        loader = unsloth_module(env, "unsloth.models.loader")
+    def install(self, swaps: AttributeSwaps, models: types.ModuleType, env: Environment) -> None:
+        llama = import_unsloth(env, "unsloth.models.llama")
+        loader = import_unsloth(env, "unsloth.models.loader")
         fast_qwen3 = _fast_qwen3_model(llama)
 
         swaps.wrap_staticmethod(

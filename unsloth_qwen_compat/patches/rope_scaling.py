@@ -29,6 +29,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 from .._env import Environment
@@ -56,7 +57,7 @@ from ..rope_contract import (
     same_tables,
     with_rope,
 )
-from ._common import Unavailable, code_mentions, unsloth_module
+from ._common import code_mentions
 
 __all__ = ["RopeScaling", "UnsupportedRopeScalingError", "rope_scaling_of", "rope_theta_of"]
 
@@ -360,6 +361,7 @@ def upstream_rope_defects(
 class RopeScaling(Patch):
     name = "rope_scaling"
     summary = "Qwen RoPE: every scaling type right, extended by a stated rule, or refused"
+    unsloth_module = "unsloth.models.llama"
     conformance_cases = ("test_rope_grid", "test_rope_past_original_window", "test_forward_logits")
     reproduction = """\
 import torch
@@ -378,11 +380,7 @@ model, _ = FastLanguageModel.from_pretrained("tiny-qwen3-linear", max_seq_length
 # process that never imported unsloth: every position differs (linear x2 became x1.5).
 """
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            llama = unsloth_module(env, "unsloth.models.llama")
-        except Unavailable as why:
-            return why.result
+    def probe(self, llama: ModuleType, env: Environment) -> ProbeResult:
         extend = getattr(llama, "_extended_rope_scaling", None)
         if extend is None:
             return self._probe_before_2026(llama)
@@ -419,8 +417,7 @@ model, _ = FastLanguageModel.from_pretrained("tiny-qwen3-linear", max_seq_length
             return needed("; ".join(defects))
         return native("rotary embedding reads the config's RoPE scaling")
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        llama = unsloth_module(env, "unsloth.models.llama")
+    def install(self, swaps: AttributeSwaps, llama: ModuleType, env: Environment) -> None:
         current = getattr(llama, "_extended_rope_scaling", None)
         model = llama.FastLlamaModel
         if current is not None:

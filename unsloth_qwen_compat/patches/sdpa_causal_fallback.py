@@ -4,9 +4,11 @@ Unsloth's ``LlamaAttention_fast_forward`` (which Qwen2 and Qwen3 run) picks xfor
 flash-attn when the batch has no padding mask and relies on them for causality. Before
 2025.10 its third branch, PyTorch SDPA, passes ``attn_mask=attention_mask`` with
 ``is_causal=False``. Without padding, transformers' mask helper returns ``None``, so that
-branch attends to future tokens: every unpadded forward is wrong (Qwen2 and Qwen3 logits
-rel. error 0.84 / 0.89 vs HF, bf16, Unsloth 2025.3.19 on an H200 with torch 2.11, for
-which no xformers build exists). 2025.10 passes ``is_causal=True`` there itself.
+branch attends to future tokens: every unpadded forward is wrong. That branch is the one
+taken wherever neither is installed, e.g. on a torch for which no xformers build exists.
+2025.10 passes ``is_causal=True`` there itself. How far off stock's logits are, and the
+shim's with this patch, is measured by the conformance suite's forward cases on leg
+2025.3 (CONFORMANCE.md; summary in the README's patch table).
 
 The fix makes the SDPA call causal exactly where upstream's is missing it: Unsloth's Llama
 module reads ``scaled_dot_product_attention`` as a global at call time, so the patch
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import sys
+from types import ModuleType
 from typing import Any
 
 from .._env import Environment
 from .._qwen import is_qwen
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
-from ._common import Unavailable, code_mentions, unsloth_module
+from ._common import code_mentions
 
 
 def _called_by_qwen_attention() -> bool:
@@ -52,6 +55,7 @@ def causal_when_unmasked(sdpa: Any) -> Any:
 class SdpaCausalFallback(Patch):
     name = "sdpa_causal_fallback"
     summary = "causal mask on Unsloth's SDPA attention fallback (no xformers / flash-attn)"
+    unsloth_module = "unsloth.models.llama"
     conformance_cases = ("test_forward_logits", "test_greedy_generate")
     reproduction = """\
 # Unsloth 2025.3.x with neither xformers nor flash-attn installed (e.g. torch 2.11)
@@ -64,11 +68,7 @@ prefix = model(input_ids=ids[:, :4]).logits[0, 3]
 print((full - prefix).abs().max())  # not ~0: position 3 attended to positions 4-7
 """
 
-    def probe(self, env: Environment) -> ProbeResult:
-        try:
-            llama = unsloth_module(env, "unsloth.models.llama")
-        except Unavailable as why:
-            return why.result
+    def probe(self, llama: ModuleType, env: Environment) -> ProbeResult:
         forward = getattr(llama, "LlamaAttention_fast_forward", None)
         if forward is None or not hasattr(llama, "scaled_dot_product_attention"):
             return unsupported("LlamaAttention_fast_forward / scaled_dot_product_attention not found")
@@ -87,8 +87,7 @@ print((full - prefix).abs().max())  # not ~0: position 3 attended to positions 4
             "with is_causal=False: attention sees future tokens"
         )
 
-    def install(self, swaps: AttributeSwaps, env: Environment) -> None:
-        llama = unsloth_module(env, "unsloth.models.llama")
+    def install(self, swaps: AttributeSwaps, llama: ModuleType, env: Environment) -> None:
         swaps.set_attr(
             llama, "scaled_dot_product_attention", causal_when_unmasked(llama.scaled_dot_product_attention)
         )
