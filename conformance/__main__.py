@@ -1,6 +1,8 @@
 """``python -m conformance [--report DIR] [pytest args]``: run the suite, optionally write the report.
 
-Equivalent to ``pytest conformance/ --conformance-report DIR [pytest args]``.
+Equivalent to ``pytest conformance/ --conformance-report DIR [pytest args]``. Installed
+(``unsloth-qwen-compat[conformance]``, no checkout around it), the suite brings its own
+pytest settings and keeps pytest's cache in the conformance cache, out of site-packages.
 """
 
 from __future__ import annotations
@@ -12,12 +14,32 @@ from pathlib import Path
 
 import pytest
 
+from conformance import zoo
+
 SUITE = Path(__file__).resolve().parent
+INSTALLED_INI = SUITE / "installed.ini"
 
 
 def _names_tests(args: list[str]) -> bool:
     """True when the pytest args already select files or node ids (then don't add the suite dir)."""
     return any(not a.startswith("-") and ("::" in a or os.path.exists(a.split("::")[0])) for a in args)
+
+
+def _installed_args(args: list[str]) -> list[str]:
+    """pytest settings for a suite outside a checkout, where the caller's args leave them open.
+
+    pytest would look for its settings above site-packages, make site-packages the rootdir
+    and write ``.pytest_cache/`` there. The rootdir stays the package's parent, so test ids
+    read ``conformance/test_x.py::case`` as in a checkout.
+    """
+    names = {a.split("=", 1)[0] for a in args}
+    extra = []
+    if not names & {"-c", "--config-file"}:
+        extra += ["-c", str(INSTALLED_INI)]
+    if "--rootdir" not in names:
+        extra += ["--rootdir", str(zoo.PACKAGE_PARENT)]
+    # First, so that a caller's own -o cache_dir=... (later) wins.
+    return [*extra, "-o", f"cache_dir={zoo.cache_root() / 'pytest'}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args = list(rest) if _names_tests(rest) else [str(SUITE), *rest]
     if args.report:
         pytest_args += ["--conformance-report", args.report]
+    if zoo.CHECKOUT is None:
+        pytest_args = _installed_args(pytest_args) + pytest_args
     return int(pytest.main(pytest_args))
 
 

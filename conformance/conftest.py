@@ -3,7 +3,7 @@
 Environment:
 - ``CONFORMANCE_DTYPE``: fp32 (default) | bf16 | fp16. Unsloth 2025.3.x rejects fp32, so its
   leg runs with bf16; the tolerance table has a row per dtype.
-- ``CONFORMANCE_CACHE``: where the zoo and oracle results live (default .conformance_cache/).
+- ``CONFORMANCE_CACHE``: where the zoo and oracle results live (default: ``zoo.cache_root()``).
 - ``UNSLOTH_QWEN_COMPAT_DISABLE=1``: measure stock Unsloth (the shim does nothing).
 
 The device is the GPU when there is one. Without one, Unsloth falls back to running stock
@@ -113,6 +113,17 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def settings(pytestconfig) -> Settings:
     return pytestconfig._conformance_settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zoo_models(pytestconfig) -> None:
+    """Every zoo model the collected cases load, built up front in one process (without
+    Unsloth). The oracle builds the models of its requests, but the families with no HF
+    reference (fast_path, lora_targets) load models that no request names: selected alone
+    on a fresh cache, they found nothing to load."""
+    names = {name for _, name in getattr(pytestconfig, "_conformance_needed", ())}
+    if names:
+        oracle_client.ensure_zoo(names)
 
 
 @pytest.fixture(scope="session")

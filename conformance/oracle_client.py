@@ -9,6 +9,7 @@ the interpreter + transformers import a couple of times, not once per case.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,12 +31,57 @@ class OracleError(RuntimeError):
     pass
 
 
-def _subprocess_env() -> dict:
+@functools.cache
+def _child_finds_this_package(pythonpath: str | None, cwd: str) -> bool:
+    """Whether a child of this interpreter, with ``pythonpath`` and in ``cwd``, imports this very
+    ``conformance`` package (looked up, not imported: the lookup runs no package code)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    code = "import importlib.util as u; s = u.find_spec('conformance'); print(s.origin if s else '')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+    origin = done.stdout.strip()
+    return bool(origin) and Path(origin).resolve() == Path(__file__).resolve().with_name("__init__.py")
+
+
+def _child_pythonpath(pythonpath: str | None, cwd: Path) -> str | None:
+    """PYTHONPATH for the zoo and oracle children, which run ``python -m conformance.<module>``.
+
+    From a checkout, the checkout comes first: its suite, and the shim beside it, win over
+    any installed copy. Installed, the child (this interpreter, this environment) finds the
+    package where this process did, and PYTHONPATH stays as it is: site-packages put first
+    would shadow the pins a caller put on PYTHONPATH (conformance/offline_legs.sh does).
+    Only a package this process reached some other way (a path added at run time) is
+    put first.
+    """
+    if zoo.CHECKOUT is None and _child_finds_this_package(pythonpath, str(cwd)):
+        return pythonpath
+    return os.pathsep.join(p for p in (str(zoo.PACKAGE_PARENT), pythonpath) if p)
+
+
+def _child_cwd() -> Path:
+    """The checkout's root, or (installed) the cache, never site-packages: a child's working
+    directory comes first on its import path."""
+    if zoo.CHECKOUT is not None:
+        return zoo.CHECKOUT
+    cwd = zoo.cache_root()
+    cwd.mkdir(parents=True, exist_ok=True)
+    return cwd
+
+
+def _subprocess_env(cwd: Path) -> dict:
     env = dict(os.environ)
     env["CONFORMANCE_ORACLE"] = "1"
     env["UNSLOTH_QWEN_COMPAT_DISABLE"] = "1"  # in case anything imports the shim anyway
     env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(zoo.REPO_ROOT), env.get("PYTHONPATH")) if p)
+    pythonpath = _child_pythonpath(env.get("PYTHONPATH"), cwd)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    else:
+        env.pop("PYTHONPATH", None)
     return env
 
 
@@ -43,12 +89,13 @@ def _run(args: list[str], log_name: str) -> float:
     logs = zoo.cache_root() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{log_name}.log"
+    cwd = _child_cwd()
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
         code = subprocess.call(
             [sys.executable, *args],
-            cwd=zoo.REPO_ROOT,
-            env=_subprocess_env(),
+            cwd=cwd,
+            env=_subprocess_env(cwd),
             stdout=handle,
             stderr=subprocess.STDOUT,
         )

@@ -26,7 +26,11 @@ from pathlib import Path
 
 from conformance import zoo_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The directory the ``conformance`` package lives in: a checkout's root, or site-packages.
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+#: The checkout the suite runs from (a pyproject.toml next to the package), or None when
+#: the suite is installed (``unsloth-qwen-compat[conformance]``).
+CHECKOUT = PACKAGE_PARENT if (PACKAGE_PARENT / "pyproject.toml").is_file() else None
 
 # Bump when the way models are built changes, so stale caches are not reused.
 ZOO_FORMAT = 1
@@ -134,7 +138,20 @@ def transformers_major() -> int:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CONFORMANCE_CACHE", REPO_ROOT / ".conformance_cache")).resolve()
+    """Where zoo models, oracle results and logs go.
+
+    ``$CONFORMANCE_CACHE`` when set; else the checkout's ``.conformance_cache/``; else, for
+    an installed suite, the user's cache directory: never site-packages, which may be
+    read-only and is shared by every project of that environment.
+    """
+    if os.environ.get("CONFORMANCE_CACHE"):
+        return Path(os.environ["CONFORMANCE_CACHE"]).expanduser().resolve()
+    if CHECKOUT is not None:
+        return CHECKOUT / ".conformance_cache"
+    # The XDG base directory rule: a relative XDG_CACHE_HOME is invalid and ignored.
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return (base / "unsloth-qwen-compat" / "conformance").resolve()
 
 
 def _key(spec: ModelSpec) -> str:

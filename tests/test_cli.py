@@ -60,6 +60,12 @@ HEAVY = ("unsloth", "unsloth_zoo", "torch", "transformers")
         ([], 2, "{prog}: error: the following arguments are required: command"),
         (["stauts"], 2, "{prog}: error: argument command: invalid choice: 'stauts'"),
         (["status", "--jsn"], 2, "{prog}: error: unrecognized arguments: --jsn"),
+        (["conformance", "--help"], 0, "usage: {prog} conformance [-h] --report DIR"),
+        (
+            ["conformance", "-x"],
+            2,
+            "{prog} conformance: error: the following arguments are required: --report",
+        ),
     ],
 )
 def test_help_version_and_usage_errors_answer_at_once_without_unsloth(

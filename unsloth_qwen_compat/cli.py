@@ -1,4 +1,4 @@
-"""``python -m unsloth_qwen_compat status | doctor | upstream-report | bench`` (also the ``unsloth-qwen-compat`` script).
+"""``python -m unsloth_qwen_compat status | doctor | upstream-report | bench | conformance`` (also the ``unsloth-qwen-compat`` script).
 
 The arguments are parsed before anything imports Unsloth (the package defers its
 import-time work when it is this command line: see ``_started_as_own_command_line``), so
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import bench
+from . import bench, conformance_command
 from ._env import MODE_CPU_FALLBACK, TRACKED_DISTRIBUTIONS
 from ._matrix import LEGS
 from ._registry import Action
@@ -260,8 +260,22 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     bench.add_arguments(
         sub.add_parser("bench", help="training throughput, peak memory and MFU: HF vs Unsloth vs the shim")
     )
+    conformance_command.add_arguments(
+        sub.add_parser(
+            "conformance",
+            help="run the GPU conformance suite against the installed Unsloth, with a report",
+            description=conformance_command.DESCRIPTION,
+            # pytest's own options must not pass for abbreviations of --report.
+            allow_abbrev=False,
+        )
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "conformance":
+        # Everything but --report is pytest's; the suite imports the shim and Unsloth itself.
+        return conformance_command.run(args.report, unknown)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _load_shim()
     if args.command == "bench":
         return bench.run(args, bench.command_line(argv[1:]))
