@@ -480,20 +480,27 @@ EXPECTED = {
 }
 
 
+def grid_config(spec):
+    """The config of a RoPE-grid model, as the zoo builds it (without weights)."""
+    from conformance import zoo
+
+    kwargs = {
+        **zoo.SHAPE,
+        "max_position_embeddings": spec.max_position_embeddings,
+        **zoo.rope_config_kwargs(spec),
+    }
+    if spec.family != "qwen2":
+        kwargs["head_dim"] = zoo.HEAD_DIM
+    return transformers.AutoConfig.for_model(spec.family, **kwargs)
+
+
 def test_conformance_grid_windows_follow_the_contract() -> None:
-    from conformance import rope_grid, zoo
+    from conformance import rope_grid
 
     seen = set()
     for cell in rope_grid.cells(rope_grid.FAMILIES):
         spec = cell.spec
-        kwargs = {
-            **zoo.SHAPE,
-            "max_position_embeddings": spec.max_position_embeddings,
-            **zoo.rope_config_kwargs(spec),
-        }
-        if spec.family != "qwen2":
-            kwargs["head_dim"] = zoo.HEAD_DIM
-        config = transformers.AutoConfig.for_model(spec.family, **kwargs)
+        config = grid_config(spec)
         assert rope_contract.coverage(config) == rope_grid.coverage(spec), cell
         plan = plan_rope(config, cell.max_seq_length)
         expected = EXPECTED.get(cell.rope_type, {}).get(cell.window)
@@ -521,19 +528,12 @@ def test_readme_rope_table_is_generated_from_the_committed_reports() -> None:
 def test_the_plan_extends_by_the_rule_the_conformance_grid_checks() -> None:
     # The suite's own statement of the README's extension rule, against the shim's plans, and
     # against deliberately wrong extensions (the mutations the grid must catch).
-    from conformance import rope_grid, zoo
+    from conformance import rope_grid
 
     extended = 0
     for cell in rope_grid.cells(rope_grid.FAMILIES):
         spec = cell.spec
-        kwargs = {
-            **zoo.SHAPE,
-            "max_position_embeddings": spec.max_position_embeddings,
-            **zoo.rope_config_kwargs(spec),
-        }
-        if spec.family != "qwen2":
-            kwargs["head_dim"] = zoo.HEAD_DIM
-        plan = plan_rope(transformers.AutoConfig.for_model(spec.family, **kwargs), cell.max_seq_length)
+        plan = plan_rope(grid_config(spec), cell.max_seq_length)
         if plan.outcome != EXTENDED:
             continue
         extended += 1
