@@ -13,7 +13,10 @@ README's table):
 - ``past_coverage``: in (C, C + M].
 
 This module imports no Unsloth and no shim: the oracle process uses it too (its
-``apply_rope`` builds the reference for an extended config).
+``apply_rope`` builds the reference for an extended config). Its coverage, tables and
+config rewriting restate ``unsloth_qwen_compat.rope_contract`` on purpose: the suite's
+reading of the README must not be the shim's own code (tests/test_rope_patch.py checks that
+the two agree on every grid cell).
 """
 
 from __future__ import annotations

@@ -31,8 +31,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._qwen import QWEN_MODEL_TYPES, is_qwen  # noqa: F401  (the gate every RoPE decision uses)
-
 SAME, EXTENDED, REFUSED = "same", "extended", "refused"
 
 #: Types whose stretch grows past their coverage (factor = max_seq_length / window).

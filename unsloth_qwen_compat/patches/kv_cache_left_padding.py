@@ -59,12 +59,12 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from .._env import Environment
+from .._qwen import QWEN_MODEL_TYPES
 from .._registry import AttributeSwaps, Patch, ProbeResult, native, needed, unsupported
 from ..lora_targets import model_type_of
 
-#: Model types whose generation goes through the wrapped function and which this shim owns.
-QWEN_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
-#: (transformers module, class) that ``fix_prepare_inputs_for_generation`` patches for them.
+#: (transformers module, class) that ``fix_prepare_inputs_for_generation`` patches for the
+#: Qwen model types (``QWEN_MODEL_TYPES``), whose generation goes through the wrapped function.
 _CAUSAL_LM_CLASSES = (
     ("transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM"),
     ("transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM"),
