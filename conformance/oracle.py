@@ -32,7 +32,7 @@ os.environ["CONFORMANCE_ORACLE"] = "1"
 
 import torch  # noqa: E402
 
-from conformance import inputs, zoo, zoo_tokenizer  # noqa: E402
+from conformance import chat_reference, inputs, zoo, zoo_tokenizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -266,33 +266,15 @@ def run_generate(request: dict, job: dict) -> dict:
     return best[1]
 
 
-def _ids(encoded) -> list[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True), 4 a list.
-    if hasattr(encoded, "keys"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def run_chat(request: dict, job: dict) -> dict:
+    # Rendered with the suite's pinned copies of Qwen's published templates (chat_reference.py),
+    # never with the shim's: that is what the case judges.
     tokenizer = _tokenizer(request)
-    published = zoo_tokenizer.published_template(zoo.by_name(request["model"]).family)
-    variants = (
-        [{"enable_thinking": True}, {"enable_thinking": False}] if request["thinking_variants"] else [{}]
-    )
-    rendered = []
-    for kwargs in variants:
-        common = dict(add_generation_prompt=True, **kwargs)
-        rendered.append(
-            {
-                "kwargs": kwargs,
-                "text": tokenizer.apply_chat_template(inputs.CONVERSATION, tokenize=False, **common),
-                "text_published": tokenizer.apply_chat_template(
-                    inputs.CONVERSATION, tokenize=False, chat_template=published, **common
-                ),
-                "ids": _ids(tokenizer.apply_chat_template(inputs.CONVERSATION, tokenize=True, **common)),
-            }
-        )
-    return {"template": tokenizer.chat_template, "published": published, "variants": rendered}
+    family = zoo.by_name(request["model"]).tokenizer_family
+    return {
+        "template": tokenizer.chat_template,
+        "renders": chat_reference.render_references(tokenizer, family),
+    }
 
 
 HANDLERS = {

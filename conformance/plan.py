@@ -8,7 +8,7 @@ them; this module imports neither Unsloth nor transformers.
 
 from __future__ import annotations
 
-from conformance import tolerances, zoo
+from conformance import chat_reference, tolerances, zoo
 from conformance.zoo import ModelSpec
 
 #: Long enough to reach past both original_max_position_embeddings (256) and
@@ -94,8 +94,15 @@ def generate(spec: ModelSpec, dtype: str, device: str) -> dict:
 
 
 def chat(spec: ModelSpec) -> dict:
-    # Tokenizer only: no device or dtype involved.
-    return {**_base("chat", spec, "na", "cpu"), "thinking_variants": spec.family != "qwen2"}
+    # Tokenizer only: no device or dtype involved. What is rendered, and with which pinned
+    # references, keys the cached result: a changed reference or conversation is rendered again.
+    family = spec.tokenizer_family
+    return {
+        **_base("chat", spec, "na", "cpu"),
+        "references": chat_reference.pinned_hashes(family),
+        "conversations": chat_reference.CONVERSATIONS,
+        "variants": chat_reference.variants(family),
+    }
 
 
 def nf4(spec: ModelSpec, skip_modules: list[str]) -> list[dict]:

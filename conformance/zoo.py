@@ -116,7 +116,7 @@ class ModelSpec:
     @property
     def tokenizer_family(self) -> str:
         """Control families (llama, mistral) borrow the qwen2 tokenizer: only logits are compared."""
-        return self.family if self.family in zoo_tokenizer.TEMPLATE_FILES else "qwen2"
+        return self.family if self.family in zoo_tokenizer.TEMPLATE_FAMILIES else "qwen2"
 
 
 ZOO = tuple(ModelSpec(f, r) for f in FAMILIES for r in ROPES)

@@ -2,22 +2,17 @@
 
 Byte-level BPE (as Qwen's), trained with the ``tokenizers`` library on a small fixed
 corpus, with the ChatML special tokens at the end of the vocabulary (where Qwen keeps
-them) and the published Qwen chat template. Training is deterministic for a fixed corpus
-and ``tokenizers`` version, and the result is cached with the model files by zoo.py.
+them) and Qwen's published chat template (the suite's pinned copy, chat_reference.py).
+Training is deterministic for a fixed corpus and ``tokenizers`` version, and the result
+is cached with the model files by zoo.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from conformance import chat_reference
 
-# Qwen's published templates live once, in the package (its chat_templates patch registers
-# them). Found by spec, not imported: the package's __init__ imports Unsloth, and the
-# oracle process that builds the zoo never may.
-TEMPLATES_DIR = Path(importlib.util.find_spec("unsloth_qwen_compat").origin).parent / "templates"
-
-#: Template file per model family: Qwen2.5's ChatML for qwen2, Qwen3's (thinking) for the rest.
-TEMPLATE_FILES = {"qwen2": "qwen2_5.jinja", "qwen3": "qwen3.jinja", "qwen3_moe": "qwen3.jinja"}
+#: The families whose tokenizers carry a Qwen chat template (controls borrow qwen2's).
+TEMPLATE_FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -93,8 +88,10 @@ def build_tokenizer(model_type: str):
 
 
 def published_template(model_type: str) -> str:
-    """The chat template text Qwen publishes for this model family (see unsloth_qwen_compat/templates/README.md)."""
-    return (TEMPLATES_DIR / TEMPLATE_FILES[model_type]).read_text(encoding="utf-8")
+    """The chat template Qwen publishes for this model family: the suite's own pinned copy
+    (chat_reference.py), not the shim's, so the chat-template case compares the shim with an
+    independent reference."""
+    return chat_reference.published_template(model_type)
 
 
 def regular_token_count(tokenizer) -> int:

@@ -97,9 +97,15 @@ def test_the_wheel_ships_the_conformance_suite_and_the_data_it_reads(wheel: Path
         metadata = archive.read(metadata_name).decode()
     suite = {f"conformance/{p.name}" for p in (REPO / "conformance").glob("*.py")}
     assert suite <= names, sorted(suite - names)
-    # Read at run time: the installed suite's pytest settings, and Qwen's chat templates,
-    # which the zoo's tokenizer takes from the package.
+    # Read at run time: the installed suite's pytest settings, the suite's pinned copies of
+    # Qwen's chat templates (the zoo's tokenizers and the chat-template case's reference), and
+    # the shim's own templates (its chat_templates patch).
     assert "conformance/installed.ini" in names
+    references = {
+        f"conformance/chat_references/{p.name}" for p in (REPO / "conformance/chat_references").iterdir()
+    }
+    assert "conformance/chat_references/MANIFEST.json" in references
+    assert references <= names, sorted(references - names)
     assert {
         "unsloth_qwen_compat/templates/qwen2_5.jinja",
         "unsloth_qwen_compat/templates/qwen3.jinja",
