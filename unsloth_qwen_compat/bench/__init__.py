@@ -35,7 +35,14 @@ forward plus a backward twice as large) for ``L`` layers, ``H`` query heads of s
 appendix counts it). MFU = tokens/s x flops/token / the card's peak dense bf16 FLOP/s
 (:data:`.workload.PEAK_BF16_DENSE_FLOPS`; an unknown card gets no MFU).
 
-Two other modes:
+Three other modes:
+
+- ``--rl``: GRPO-style steps (:mod:`.rl`): per step, generation (``--prompts`` x
+  ``--replies`` x ``--new-tokens``, default 8 x 8 x 256, every reply to full length with
+  the KV cache), reference log-probs through the disabled adapter, and the policy's
+  forward/backward and AdamW step, each slice timed, with its peak memory; reports
+  generated tokens/s, the step split and which slice takes most of it (default Qwen3-1.7B
+  and Qwen3-8B, bf16 and qlora, 1 warm-up and 3 timed steps; ``rl.json`` / ``rl.md``);
 
 - ``--max-seq-bisect``: per path, the longest sequence that trains one step without
   running out of GPU memory (default Qwen3-8B, QLoRA, batch 1), found by bisection in one
@@ -49,6 +56,13 @@ Two other modes:
   the gap). Its default batch is 12 at
   Qwen2.5-1.5B, where 4 is too noisy to rate the gap (:data:`.planning.QKV_COMPARE_BATCH`).
 
+``--process-per shape`` runs a path's cases of one shape (its precisions) in one worker
+process, one after another, so Unsloth's import (about 25 s a process in the committed H200
+runs) and its first-step compilation are paid once per shape instead of once per case;
+paths never share a process. Each case is reported as soon as it is done.
+``--checkpoints-only`` builds the plan's checkpoints and stops (to build them ahead of a
+timed run).
+
 ``--gpus 0,1,2,3`` runs on several GPUs of one machine at once: the runs of one shape and
 precision (one table row, or one path of a bisection) stay together on one card, in
 order, so every ratio is taken on a single card; rows go to whichever card is free.
@@ -59,7 +73,7 @@ path). Small shapes at batch 4 are noisy either way: a step is short enough that
 waits on the host; a larger ``--batch`` steadies them.
 
 Results go to ``--out``: ``bench.json`` / ``bench.md`` / ``bench.png`` (``max_seq.*``,
-``qkv_bias.*`` for the other modes), one log per case under ``logs/``. ``--append`` merges
+``qkv_bias.*``, ``rl.*`` for the other modes), one log per worker process under ``logs/``. ``--append`` merges
 into the results already there, so a long plan can run as several short invocations.
 The reports are rewritten after every case, so a run that is stopped keeps what it measured.
 Exit status: 0 when every case passed, 1 when any failed (a failed case is recorded with
@@ -72,7 +86,7 @@ The stages, one module each:
 - :mod:`.planning`: the command line's arguments, and the cases they plan;
 - :mod:`.checkpoints`: the random-weight checkpoints, built once per shape;
 - :mod:`.runner`: one worker process per case, on one card or several at once;
-- :mod:`.worker`: the worker process itself (started by path, see there);
+- :mod:`.worker`: the worker process itself (started by path, see there); :mod:`.rl`: an RL step;
 - :mod:`.report`: summaries, verdicts and tables; :mod:`.chart`: ``bench.png``;
 - :mod:`.command`: ``bench`` itself; :mod:`.document`: ``BENCHMARKS.md`` and the README's
   numbers, generated from the committed results in ``benchmarks/``.

@@ -19,11 +19,35 @@ from .chart import write_png
 from .checkpoints import checkpoint_dir, checkpoint_ready
 from .planning import Settings, add_arguments, plan
 from .report import HEADERS, failures, render_markdown, summarize, table_rows, text_table
-from .runner import progress, run_cases
-from .workload import FLOPS_FORMULA, LEARNING_RATE, LORA, LORA_TARGETS, SHAPES
+from .runner import prepare_checkpoints, process_groups, progress, run_cases
+from .workload import (
+    FLOPS_FORMULA,
+    LEARNING_RATE,
+    LORA,
+    LORA_TARGETS,
+    RL_BETA,
+    RL_MICRO_BATCH,
+    RL_QUESTIONS,
+    SHAPES,
+)
+
+#: What every ``--rl`` step holds besides its size (the sizes are on each case).
+RL_STEP = {
+    "beta": RL_BETA,
+    "micro_batch_rows": RL_MICRO_BATCH,
+    "sampling": {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_new_tokens": "= new tokens",
+    },
+    "reward": "seeded uniform random per reply (random-weight checkpoints: no reward could read the replies)",
+    "questions": list(RL_QUESTIONS),
+}
 
 #: Each mode's file stem in ``--out``.
-STEMS = {"train": "bench", "bisect": "max_seq", "qkv": "qkv_bias"}
+STEMS = {"train": "bench", "bisect": "max_seq", "qkv": "qkv_bias", "rl": "rl"}
 
 
 def _gpu_name() -> str | None:
@@ -55,7 +79,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     except argparse.ArgumentTypeError as problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    kind = "bisect" if args.max_seq_bisect else "qkv" if args.qkv_bias_compare else "train"
+    kind = (
+        "bisect" if args.max_seq_bisect else "qkv" if args.qkv_bias_compare else "rl" if args.rl else "train"
+    )
     if args.dry_run:
         for shape in dict.fromkeys(c.shape for c in cases):
             directory = checkpoint_dir(SHAPES[shape], args.cache_dir)
@@ -69,7 +95,13 @@ def run(args: argparse.Namespace, command: str) -> int:
             )
             print(f"[{number}/{len(cases)}] {case.describe()}, {extra}")
         where = f" on GPUs {','.join(settings.gpus)}, one row per card at a time" if settings.gpus else ""
-        print(f"{len(cases)} cases, each in its own process{where}; results would go to {args.out}")
+        processes = len(process_groups(cases, settings.process_per))
+        each = (
+            "each in its own process"
+            if processes == len(cases)
+            else f"in {processes} processes (one per path and shape)"
+        )
+        print(f"{len(cases)} cases, {each}{where}; results would go to {args.out}")
         return 0
     if settings.gpus and settings.device == "cuda" and _gpu_count() <= max(map(int, settings.gpus)):
         print(
@@ -89,6 +121,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     args.out = args.out.expanduser().resolve()
     args.cache_dir = args.cache_dir.expanduser().resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoints_only:
+        ready = prepare_checkpoints((c.shape for c in cases), args.cache_dir, args.out, settings)
+        for name, (directory, error) in ready.items():
+            print(f"checkpoint {name}: {directory}" + ("" if error is None else f": {error}"))
+        return 1 if any(error for _, error in ready.values()) else 0
     stem = STEMS[kind]
     earlier: dict[str, Any] = {}
     if args.append and (args.out / f"{stem}.json").is_file():
@@ -110,6 +147,7 @@ def run(args: argparse.Namespace, command: str) -> int:
             "settings": asdict(settings),
             "lora": {**LORA, "target_modules": list(LORA_TARGETS), "learning_rate": LEARNING_RATE},
             "flops_formula": FLOPS_FORMULA if kind == "train" else None,
+            "rl_step": RL_STEP if kind == "rl" else None,
             "rows": rows,
             "cases": merged,
         }

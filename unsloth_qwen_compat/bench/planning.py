@@ -9,13 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import DEFAULT_CACHE
-from .workload import LORA, LORA_TARGETS, SHAPES
+from .workload import LORA, LORA_TARGETS, RL_NEW_TOKENS, RL_PROMPTS, RL_REPLIES, SHAPES
 
 PATHS = ("hf", "unsloth", "shim")
 PRECISIONS = ("bf16", "qlora")
 #: Gradient checkpointing on the Unsloth paths: Unsloth's own, which keeps the checkpointed
 #: activations in host memory ("offload"), or plain checkpointing on the card ("gpu").
 CHECKPOINTING = ("offload", "gpu")
+#: What shares a worker process: each case its own, or one process per path and shape that
+#: runs the shape's precisions in turn (the import of Unsloth, about 25 s a process in the
+#: committed H200 runs, and its first-step compilation are paid once per process, not per
+#: case; the paths never share one).
+PROCESS_PER = ("case", "shape")
+#: ``--rl``: room for the chat prompt in the loaders' max_length, above the new tokens.
+RL_PROMPT_ROOM = 1024
+#: ``--rl``'s default timed and warm-up steps.
+RL_STEPS, RL_WARMUP = 3, 1
 
 #: ``--qkv-bias-compare``'s batch per shape where 4 is too small to measure. At batch 4 x 2048
 #: a Qwen2.5-1.5B step is about 0.2 s of small kernels; the card waits on the host and step
@@ -28,15 +37,16 @@ QKV_COMPARE_BATCH = {"qwen2.5-1.5b": 12}
 class Case:
     """One worker process: a path training one shape at one precision."""
 
-    mode: str  # train | bisect
+    mode: str  # train | bisect | rl
     shape: str
     precision: str
     path: str  # hf | unsloth | shim
-    batch: int
-    seq_len: int  # train: the sequence length; bisect: the upper bound of the search
+    batch: int  # rl: prompts per step
+    seq_len: int  # train: the sequence length; bisect: the upper bound of the search; rl: new tokens
     label: str = ""  # --qkv-bias-compare: stock | shim | bound
     run: int = 1  # --qkv-bias-compare: the second stock run is run 2
     drop_qkv_bias: bool = False
+    replies: int = 0  # rl: sampled replies per prompt
 
     @property
     def id(self) -> str:
@@ -55,6 +65,8 @@ class Case:
             who += " (stock Unsloth, q/k/v biases dropped)"
         if self.mode == "bisect":
             return f"{self.shape} {self.precision} {who}: longest sequence at batch {self.batch}"
+        if self.mode == "rl":
+            return f"{self.shape} {self.precision} {who}: {rl_size(self.batch, self.replies, self.seq_len)}"
         return f"{self.shape} {self.precision} {who}: batch {self.batch} x {self.seq_len}"
 
 
@@ -71,6 +83,12 @@ class Settings:
     rounds: int = 1
     gpus: tuple[str, ...] = ()
     checkpointing: str = "offload"  # Unsloth paths: "offload" (its "unsloth" mode) or "gpu" (plain)
+    process_per: str = "case"  # case | shape (PROCESS_PER)
+
+
+def rl_size(prompts: int, replies: int, new_tokens: int) -> str:
+    """How ``--rl`` states a step's size."""
+    return f"{prompts} prompts x {replies} replies x {new_tokens} new tokens"
 
 
 def parse_batch(text: str) -> tuple[int, dict[str, int]]:
@@ -117,10 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 4; --max-seq-bisect: 1; --qkv-bias-compare: 4, qwen2.5-1.5b=12)",
     )
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument(
-        "--steps", type=int, default=6, help="timed steps; the median is reported (default 6)"
-    )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--steps", type=int, help="timed steps; the median is reported (default 6; --rl: 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; --rl: 1)")
     parser.add_argument(
         "--out", type=Path, default=Path("bench-out"), help="where results go (default ./bench-out)"
     )
@@ -140,6 +156,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--qkv-bias-compare",
         action="store_true",
         help="Qwen2.5: stock, shim, biases dropped (bound), stock again; how much of the gap the shim closes",
+    )
+    mode.add_argument(
+        "--rl",
+        action="store_true",
+        help="GRPO-style steps: generate (--prompts x --replies x --new-tokens), reference log-probs "
+        "with the adapter disabled, policy forward/backward; time and memory per slice "
+        "(default qwen3-1.7b,qwen3-8b, bf16 and qlora)",
+    )
+    parser.add_argument(
+        "--prompts", type=int, default=RL_PROMPTS, help=f"--rl: prompts per step (default {RL_PROMPTS})"
+    )
+    parser.add_argument(
+        "--replies",
+        type=int,
+        default=RL_REPLIES,
+        help=f"--rl: sampled replies per prompt (default {RL_REPLIES})",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=RL_NEW_TOKENS,
+        help=f"--rl: tokens each reply generates, all to full length (default {RL_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--process-per",
+        choices=PROCESS_PER,
+        default="case",
+        help="case: every case in a process of its own (default); shape: one process per path and "
+        "shape runs that shape's precisions in turn, paying Unsloth's import and compilation once",
+    )
+    parser.add_argument(
+        "--checkpoints-only",
+        action="store_true",
+        help="build the plan's random-weight checkpoints into --cache-dir and stop",
     )
     parser.add_argument(
         "--rounds",
@@ -210,6 +260,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
     default_per_shape: dict[str, int] = {}
     if args.max_seq_bisect:
         mode_shapes, mode_precisions, default_batch = "qwen3-8b", "qlora", 1
+    elif args.rl:
+        mode_shapes, mode_precisions, default_batch = "qwen3-1.7b,qwen3-8b", "bf16,qlora", args.prompts
     elif args.qkv_bias_compare:
         mode_shapes, mode_precisions, default_batch = "qwen2.5-1.5b,qwen2.5-7b", "bf16,qlora", 4
         default_per_shape = QKV_COMPARE_BATCH
@@ -230,21 +282,43 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
     paths = _names(args.paths or ",".join(PATHS), PATHS, "paths")
     batch, per_shape = parse_batch(args.batch) if args.batch else (default_batch, dict(default_per_shape))
     batch = batch or default_batch
-    for name, value in (("steps", args.steps), ("seq-len", args.seq_len), ("bisect-step", args.bisect_step)):
+    # An RL step takes seconds where a training step takes a fraction of one.
+    steps = args.steps if args.steps is not None else RL_STEPS if args.rl else 6
+    warmup = args.warmup if args.warmup is not None else RL_WARMUP if args.rl else 2
+    for name, value in (("steps", steps), ("seq-len", args.seq_len), ("bisect-step", args.bisect_step)):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"--{name} must be positive")
-    if args.warmup < 0:
+    if warmup < 0:
         raise argparse.ArgumentTypeError("--warmup must be >= 0")
     if args.rounds < 1:
         raise argparse.ArgumentTypeError("--rounds must be positive")
     if args.rounds > 1 and not args.qkv_bias_compare:
         raise argparse.ArgumentTypeError("--rounds applies to --qkv-bias-compare only")
+    if args.rl:
+        if args.batch or args.seq_len != 2048:
+            raise argparse.ArgumentTypeError(
+                "--rl sizes its step with --prompts, --replies and --new-tokens, not --batch / --seq-len"
+            )
+        for name, value in (
+            ("prompts", args.prompts),
+            ("replies", args.replies),
+            ("new-tokens", args.new_tokens),
+        ):
+            if value <= 0:
+                raise argparse.ArgumentTypeError(f"--{name} must be positive")
+    elif (args.prompts, args.replies, args.new_tokens) != (RL_PROMPTS, RL_REPLIES, RL_NEW_TOKENS):
+        raise argparse.ArgumentTypeError("--prompts, --replies and --new-tokens apply to --rl only")
+    if args.process_per == "shape" and (args.max_seq_bisect or args.qkv_bias_compare):
+        raise argparse.ArgumentTypeError(
+            "--process-per shape applies to the main table and --rl (a bisection or a comparison "
+            "run keeps a process per case)"
+        )
     gpus = parse_gpus(args.gpus) if args.gpus else ()
     if args.max_seq_bisect and not 0 < args.bisect_low <= args.bisect_high:
         raise argparse.ArgumentTypeError("--max-seq-bisect needs 0 < --bisect-low <= --bisect-high")
     settings = Settings(
-        steps=args.steps,
-        warmup=args.warmup,
+        steps=steps,
+        warmup=warmup,
         device=args.device,
         bisect_low=args.bisect_low,
         bisect_high=args.bisect_high,
@@ -253,6 +327,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
         rounds=args.rounds,
         gpus=gpus,
         checkpointing=args.checkpointing,
+        process_per=args.process_per,
     )
     cases: list[Case] = []
     for shape in shapes:
@@ -264,6 +339,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
                 cases += qkv_cases(
                     Case("train", shape, precision, "unsloth", size, args.seq_len), args.rounds
                 )
+            elif args.rl:
+                cases += [
+                    Case("rl", shape, precision, p, args.prompts, args.new_tokens, replies=args.replies)
+                    for p in paths
+                ]
             else:
                 cases += [Case("train", shape, precision, p, size, args.seq_len) for p in paths]
     return cases, settings
@@ -275,7 +355,12 @@ def case_settings(case: Case, settings: Settings) -> dict[str, Any]:
     if case.mode == "bisect":
         bounds = {"low": settings.bisect_low, "high": settings.bisect_high, "step": settings.bisect_step}
         return {"bisect": bounds, "checkpointing": settings.checkpointing}
-    timed = {"warmup": settings.warmup, "steps": settings.steps, "checkpointing": settings.checkpointing}
+    timed = {
+        "warmup": settings.warmup,
+        "steps": settings.steps,
+        "checkpointing": settings.checkpointing,
+        "process_per": settings.process_per,
+    }
     # A comparison's verdict needs every run its rounds plan (stock closes it): kept per case.
     return {**timed, "rounds": settings.rounds} if case.label else timed
 
@@ -295,6 +380,7 @@ def loader_config(spec: Mapping[str, Any]) -> dict[str, Any]:
             "gradient_checkpointing": True,
             "offload_checkpoints": spec["checkpointing"] == "offload",
         },
-        "data": {"max_length": spec["seq_len"]},
+        # rl: the prompt and its replies; train: the sequence.
+        "data": {"max_length": spec["seq_len"] + (RL_PROMPT_ROOM if spec.get("mode") == "rl" else 0)},
         "lora": {**LORA, "target_modules": list(LORA_TARGETS)},
     }

@@ -1,6 +1,6 @@
 """From the workers' results to the reports: ratios, MFU, the comparison's verdict, tables.
 
-``bench.md`` / ``max_seq.md`` / ``qkv_bias.md`` (:func:`render_markdown`) and the
+``bench.md`` / ``max_seq.md`` / ``qkv_bias.md`` / ``rl.md`` (:func:`render_markdown`) and the
 committed ``BENCHMARKS.md`` (:mod:`.document`) are both written from these functions, so
 a verdict reads the same in each.
 """
@@ -12,8 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .planning import Case, Settings, qkv_cases
-from .workload import FLOPS_FORMULA, SHAPES, flops_per_token, mfu, peak_bf16_flops
+from .planning import Case, Settings, qkv_cases, rl_size
+from .workload import (
+    FLOPS_FORMULA,
+    RL_BETA,
+    RL_MICRO_BATCH,
+    RL_SLICES,
+    SHAPES,
+    flops_per_token,
+    mfu,
+    peak_bf16_flops,
+)
 
 #: ``--qkv-bias-compare``: the share of the stock-to-bound gap the shim has to close.
 QKV_TARGET = 0.80
@@ -308,10 +317,142 @@ def _mean_and_runs(mean: float, runs: Sequence[float]) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# --rl
+# --------------------------------------------------------------------------------------
+
+
+def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each slice's share of the step, the largest slice, and step-speed ratios to the
+    ``hf`` and ``unsloth`` rows of the same shape and precision (their step time over this
+    row's: above 1 is faster)."""
+    by_key = {(r["shape"], r["precision"], r["path"]): r for r in results if r.get("status") == "ok"}
+    rows = []
+    for result in results:
+        row = dict(result)
+        if row.get("status") == "ok":
+            step = row["median_step_s"]
+            slices = row["slice_median_s"]
+            row["slice_share"] = {name: slices[name] / step for name in RL_SLICES}
+            row["largest_slice"] = max(RL_SLICES, key=lambda name: slices[name])
+            hf = by_key.get((row["shape"], row["precision"], "hf"))
+            stock = by_key.get((row["shape"], row["precision"], "unsloth"))
+            if hf is not None and row["path"] != "hf":
+                row["speed_vs_hf"] = hf["median_step_s"] / step
+                if row.get("peak_allocated_gib") and hf.get("peak_allocated_gib"):
+                    row["memory_vs_hf"] = row["peak_allocated_gib"] / hf["peak_allocated_gib"]
+            if stock is not None and row["path"] == "shim":
+                row["shim_vs_unsloth"] = stock["median_step_s"] / step
+        rows.append(row)
+    return rows
+
+
+def rl_fastest(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape and precision, the row of the path with the shortest step (where the time
+    goes when the fastest path runs it); rows that did not run are left out."""
+    best: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        key = (row["shape"], row["precision"])
+        if key not in best or row["median_step_s"] < best[key]["median_step_s"]:
+            best[key] = row
+    return [dict(row) for row in best.values()]
+
+
+def rl_split_text(row: Mapping[str, Any]) -> str:
+    """``generate 2.10 s (81%), reference 0.12 s (5%), train 0.37 s (14%)``."""
+    return ", ".join(
+        f"{name} {row['slice_median_s'][name]:.2f} s ({row['slice_share'][name]:.0%})" for name in RL_SLICES
+    )
+
+
+RL_HEADER = (
+    "shape",
+    "precision",
+    "path",
+    "prompts x replies x new",
+    "step s",
+    "generate s",
+    "reference s",
+    "train s",
+    "generated tokens/s",
+    "peak GiB",
+    "largest slice",
+    "speed vs hf",
+    "memory vs hf",
+    "shim/unsloth",
+)
+
+
+def rl_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    out = []
+    for row in rows:
+        cells = [
+            row["shape"],
+            row["precision"],
+            row["path"],
+            f"{row['batch']} x {row['replies']} x {row['seq_len']}",
+        ]
+        if row.get("status") != "ok":
+            out.append([*cells, "failed (below)", *[""] * (len(RL_HEADER) - len(cells) - 1)])
+            continue
+        slices = row["slice_median_s"]
+        rate = row.get("generated_tokens_per_s")
+        out.append(
+            [
+                *cells,
+                f"{row['median_step_s']:.2f}",
+                *(f"{slices[name]:.2f}" for name in RL_SLICES),
+                "-" if rate is None else f"{rate:,.0f}",
+                gib(row.get("peak_allocated_gib")),
+                f"{row['largest_slice']} ({row['slice_share'][row['largest_slice']]:.0%})",
+                ratio(row.get("speed_vs_hf")),
+                ratio(row.get("memory_vs_hf")),
+                ratio(row.get("shim_vs_unsloth")),
+            ]
+        )
+    return out
+
+
+def _rl_markdown(rows: Sequence[Mapping[str, Any]], settings: Settings) -> list[str]:
+    sizes = sorted({(r["batch"], r["replies"], r["seq_len"]) for r in rows})
+    size = "; ".join(rl_size(*s) for s in sizes) or rl_size(0, 0, 0)
+    lines = [
+        f"- one step: {size}; {_steps_text(rows, settings)}. The slices, each timed between CUDA "
+        "synchronisations: generate = sampling every reply to its full length with the KV cache "
+        "through the loader's `generate_replies` (Unsloth: `for_inference`, its fast decoding, "
+        "`for_training`); reference = the completions' log-probs under the base, adapter disabled "
+        f"(`reference_logits`, no gradients); train = the policy's log-probs with gradients, GRPO's "
+        f"loss (group-normalised advantages of a seeded random reward, k3 KL with beta {RL_BETA}), "
+        f"backward, one AdamW step. Reference and train run in micro-batches of {RL_MICRO_BATCH} rows",
+        "- generated tokens/s = generated tokens / generate seconds over the timed steps; peak = "
+        "torch.cuda.max_memory_allocated over the timed steps' slices; speed vs hf: hf's step time over "
+        "the row's; shim/unsloth: stock Unsloth's step time over the shim's (above 1: the shim is faster)",
+        "",
+        markdown_table(RL_HEADER, rl_rows(rows)),
+    ]
+    fastest = rl_fastest(rows)
+    if fastest:
+        lines += [
+            "",
+            "Where the time goes on the fastest path of each row (median slice, its share of the step):",
+            "",
+        ]
+        for row in fastest:
+            peaks = row.get("slice_peak_gib") or {}
+            peak_text = ", ".join(f"{name} {gib(peaks.get(name))}" for name in RL_SLICES)
+            lines.append(
+                f"- {row['shape']} {row['precision']}, {row['path']}: step {row['median_step_s']:.2f} s = "
+                f"{rl_split_text(row)}; peak GiB per slice: {peak_text}"
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------------------
 # Any mode
 # --------------------------------------------------------------------------------------
 
-HEADERS = {"train": TRAIN_HEADER, "bisect": BISECT_HEADER, "qkv": QKV_HEADER}
+HEADERS = {"train": TRAIN_HEADER, "bisect": BISECT_HEADER, "qkv": QKV_HEADER, "rl": RL_HEADER}
 
 
 def summarize(kind: str, results: Sequence[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
@@ -320,11 +461,13 @@ def summarize(kind: str, results: Sequence[dict[str, Any]], settings: Settings) 
         return summarize_train(results)
     if kind == "qkv":
         return summarize_qkv(results, settings.rounds)
+    if kind == "rl":
+        return summarize_rl(results)
     return list(results)
 
 
 def table_rows(kind: str, rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    return {"train": train_rows, "bisect": bisect_rows, "qkv": qkv_rows}[kind](rows)
+    return {"train": train_rows, "bisect": bisect_rows, "qkv": qkv_rows, "rl": rl_rows}[kind](rows)
 
 
 def settings_of(report: Mapping[str, Any]) -> Settings:
@@ -336,6 +479,7 @@ TITLES = {
     "train": "Training throughput: HF + PEFT, stock Unsloth, Unsloth with the shim",
     "bisect": "Longest trainable sequence without running out of GPU memory",
     "qkv": "Qwen2 fused LoRA QKV with bias: stock, shim, bound (biases dropped)",
+    "rl": "RL steps (GRPO-style): generate, reference log-probs, train",
 }
 
 
@@ -349,7 +493,7 @@ def render_markdown(
     heading: str = "#",
     title: str | None = None,
 ) -> str:
-    """bench.md / max_seq.md / qkv_bias.md: the card, the versions, the command, the table.
+    """bench.md / max_seq.md / qkv_bias.md / rl.md: the card, the versions, the command, the table.
 
     ``heading`` and ``title``: the title's markdown level and text (default the mode's
     title; a section of a larger page takes ``###``).
@@ -363,9 +507,9 @@ def render_markdown(
         "- versions: "
         + ", ".join(f"{name} {version or 'not installed'}" for name, version in installed.items()),
         *(f"- command: `{command}`" for command in commands),
-        "- random-weight checkpoints of Qwen's published shapes; random token ids; LoRA r=16, alpha=16, "
+        f"- random-weight checkpoints of Qwen's published shapes; {_inputs_text(kind)}; LoRA r=16, alpha=16, "
         f"dropout 0 on q/k/v/o/gate/up/down; {_checkpointing_text(rows, settings)}; AdamW lr 1e-4; "
-        "qlora = 4-bit NF4, double quant, bf16 compute; each run in a process of its own; "
+        f"qlora = 4-bit NF4, double quant, bf16 compute; {_process_text(rows, settings)}; "
         "PYTORCH_ALLOC_CONF=expandable_segments:True for every path (Unsloth sets it on import)",
     ]
     if settings.gpus:
@@ -402,6 +546,8 @@ def render_markdown(
             "",
             markdown_table(BISECT_HEADER, bisect_rows(rows)),
         ]
+    elif kind == "rl":
+        lines += _rl_markdown(rows, settings)
     else:
         lines += [
             f"- step time: {_steps_text(rows, settings)}; runs in "
@@ -435,6 +581,24 @@ def _steps_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
         return "warm-up and timed steps differ between the merged runs (see each case in the JSON)"
     warmup, steps = used.pop()
     return f"{_count(warmup, 'warm-up step')}, then the median of {_count(steps, 'timed step')}"
+
+
+def _inputs_text(kind: str) -> str:
+    if kind == "rl":
+        return "chat prompts rendered with Qwen's template, replies sampled from the model"
+    return "random token ids"
+
+
+def _process_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
+    used = {r.get("process_per", "case") for r in rows if "steps" in r} or {settings.process_per}
+    if used == {"case"}:
+        return "each run in a process of its own"
+    if used == {"shape"}:
+        return (
+            "one process per path and shape, running that shape's precisions in turn (`--process-per "
+            "shape`: Unsloth's import and compilation paid once; paths never share a process)"
+        )
+    return "a process per run or per path and shape, differing between the merged runs (see the JSON)"
 
 
 def _checkpointing_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:

@@ -28,10 +28,15 @@ WORKER_FILE = Path(__file__).with_name("worker.py")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_command(spec_path: Path) -> list[str]:
+#: How often a running worker is checked for results it has written (several cases share a
+#: process with ``--process-per shape``: each is reported as soon as it is done).
+POLL_SECONDS = 2.0
+
+
+def worker_command(*spec_paths: Path) -> list[str]:
     # runpy runs the worker file as __main__ without importing this package first.
     boot = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    return [sys.executable, "-c", boot, str(WORKER_FILE), str(spec_path)]
+    return [sys.executable, "-c", boot, str(WORKER_FILE), *map(str, spec_paths)]
 
 
 def worker_env(path: str, device: str, gpu: str | None = None) -> dict[str, str]:
@@ -73,32 +78,94 @@ def run_worker(
 ) -> dict[str, Any]:
     """Run one worker process on ``spec`` (on CUDA device ``gpu`` if given); its result, or a
     failed result that says why."""
+    return run_workers([spec], work, log, timeout, gpu)[0]
+
+
+def run_workers(
+    specs: Sequence[dict[str, Any]],
+    work: Path,
+    log: Path,
+    timeout: float,
+    gpu: str | None = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one worker process on ``specs``, in turn; each one's result, or a failed result that
+    says why (the process timed out, or ended before writing it).
+
+    ``on_result(index, result)`` is called as each result file appears, while the process
+    still runs the next spec; results found only at the end are passed on then.
+    """
     work.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    spec_path = work / f"{spec['id']}.spec.json"
-    result_path = work / f"{spec['id']}.result.json"
-    result_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}, indent=1))
+    spec_paths, result_paths = [], []
+    for spec in specs:
+        spec_path = work / f"{spec['id']}.spec.json"
+        result_path = work / f"{spec['id']}.result.json"
+        result_path.unlink(missing_ok=True)
+        spec_path.write_text(json.dumps({**spec, "result": str(result_path)}, indent=1))
+        spec_paths.append(spec_path)
+        result_paths.append(result_path)
+    results: dict[int, dict[str, Any]] = {}
+
+    def collect() -> None:
+        for index, path in enumerate(result_paths):
+            if index not in results and path.is_file():
+                try:
+                    results[index] = json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    continue  # still being written: read it at the next look
+                if on_result is not None:
+                    on_result(index, results[index])
+
+    timed_out = False
     with log.open("w") as handle:
+        process = subprocess.Popen(
+            worker_command(*spec_paths),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=worker_env(specs[0]["path"], specs[0]["device"], gpu),
+            cwd=work,  # Unsloth writes its compiled cache here; the cases of a run share it
+        )
+        deadline = time.monotonic() + timeout
         try:
-            done = subprocess.run(
-                worker_command(spec_path),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env=worker_env(spec["path"], spec["device"], gpu),
-                cwd=work,  # Unsloth writes its compiled cache here; the cases of a run share it
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return {"status": "failed", "error": f"timed out after {timeout:.0f} s (killed)"}
-    if not result_path.is_file():
+            while True:
+                try:
+                    process.wait(timeout=min(POLL_SECONDS, max(deadline - time.monotonic(), 0.01)))
+                    break
+                except subprocess.TimeoutExpired:
+                    collect()
+                    if time.monotonic() >= deadline:
+                        timed_out = True
+                        process.kill()
+                        process.wait()
+                        break
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+    collect()
+    why = ""
+    if len(results) < len(specs) and not timed_out:
         why = last_line(log.read_text(errors="replace")) or "no output"
-        return {"status": "failed", "error": f"worker exited {done.returncode} without a result: {why}"}
-    result = json.loads(result_path.read_text())
-    if done.returncode != 0 and result.get("status") == "ok":
-        result.update(status="failed", error=f"worker exited {done.returncode} after writing its result")
-    return result
+    outcomes = []
+    for index in range(len(specs)):
+        result = results.get(index)
+        if result is None:
+            if timed_out:
+                result = {"status": "failed", "error": f"timed out after {timeout:.0f} s (killed)"}
+            else:
+                result = {
+                    "status": "failed",
+                    "error": f"worker exited {process.returncode} without a result: {why}",
+                }
+            if on_result is not None:
+                on_result(index, result)
+        outcomes.append(result)
+    if process.returncode != 0 and not timed_out and all(r.get("status") == "ok" for r in outcomes):
+        outcomes[-1].update(
+            status="failed", error=f"worker exited {process.returncode} after writing its result"
+        )
+    return outcomes
 
 
 def progress(message: str) -> None:
@@ -183,13 +250,30 @@ def case_spec(case: Case, settings: Settings, checkpoint: Path) -> dict[str, Any
     }
 
 
-def card_groups(cases: Sequence[Case]) -> list[list[Case]]:
+def card_groups(cases: Sequence[Case], process_per: str = "case") -> list[list[Case]]:
     """Cases that must share a card, in order: a table row's runs (shape and precision), or
-    one bisection (its own process, its own card)."""
+    one bisection (its own process, its own card); with ``process_per`` "shape", a shape's
+    rows (its processes run all its precisions)."""
     groups: dict[Any, list[Case]] = {}
     for case in cases:
-        key = case.id if case.mode == "bisect" else (case.shape, case.precision)
+        if case.mode == "bisect":
+            key: Any = case.id
+        elif process_per == "shape":
+            key = case.shape
+        else:
+            key = (case.shape, case.precision)
         groups.setdefault(key, []).append(case)
+    return list(groups.values())
+
+
+def process_groups(cases: Sequence[Case], process_per: str = "case") -> list[list[Case]]:
+    """The cases each worker process runs, in order: one each, or (``process_per`` "shape")
+    a path's cases of one shape together, in the order of their first case."""
+    if process_per != "shape":
+        return [[case] for case in cases]
+    groups: dict[Any, list[Case]] = {}
+    for case in cases:
+        groups.setdefault((case.mode, case.shape, case.path, case.label, case.run), []).append(case)
     return list(groups.values())
 
 
@@ -210,32 +294,55 @@ def run_cases(
     done: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
 
-    def run_group(group: Sequence[Case], gpu: str | None) -> None:
-        for case in group:
-            card = "" if gpu is None else f" (GPU {gpu})"
-            tag = f"[{number[case.id]}/{len(cases)}] {case.describe()}{card}"
-            directory, error = checkpoints[case.shape]
-            progress(f"{tag}: started")
-            started = time.perf_counter()
-            if error is not None:
-                outcome: dict[str, Any] = {"status": "failed", "error": error}
-            else:
-                log = out / "logs" / f"{case.id}.log"
-                spec = case_spec(case, settings, directory)
-                outcome = run_worker(spec, _work_dir(out, gpu), log, settings.case_timeout, gpu)
-                outcome["log"] = str(log)
-            seconds = time.perf_counter() - started
-            result = {**asdict(case), "id": case.id, **case_settings(case, settings), **outcome}
-            result["seconds"] = round(seconds, 1)
-            if gpu is not None:
-                result["gpu"] = gpu
-            progress(f"{tag}: {_outcome_words(result)} in {seconds:.1f} s")
-            with lock:
-                done[case.id] = result
-                if on_result is not None:
-                    on_result([done[c.id] for c in cases if c.id in done])
+    def tag(case: Case, gpu: str | None) -> str:
+        card = "" if gpu is None else f" (GPU {gpu})"
+        return f"[{number[case.id]}/{len(cases)}] {case.describe()}{card}"
 
-    _run_on_cards(settings.gpus, [functools.partial(run_group, group) for group in card_groups(cases)])
+    def finish(case: Case, outcome: dict[str, Any], seconds: float, gpu: str | None) -> None:
+        result = {**asdict(case), "id": case.id, **case_settings(case, settings), **outcome}
+        result["seconds"] = round(seconds, 1)
+        if gpu is not None:
+            result["gpu"] = gpu
+        progress(f"{tag(case, gpu)}: {_outcome_words(result)} in {seconds:.1f} s")
+        with lock:
+            done[case.id] = result
+            if on_result is not None:
+                on_result([done[c.id] for c in cases if c.id in done])
+
+    def run_process(group: Sequence[Case], gpu: str | None) -> None:
+        directory, error = checkpoints[group[0].shape]
+        if len(group) > 1:
+            progress(f"one worker process runs, in turn: {', '.join(case.id for case in group)}")
+        for case in group:
+            progress(f"{tag(case, gpu)}: started")
+        started = time.perf_counter()
+        if error is not None:
+            for case in group:
+                finish(case, {"status": "failed", "error": error}, time.perf_counter() - started, gpu)
+            return
+        specs = [case_spec(case, settings, directory) for case in group]
+        if len(group) == 1:
+            log = out / "logs" / f"{group[0].id}.log"
+            outcome = run_worker(specs[0], _work_dir(out, gpu), log, settings.case_timeout, gpu)
+            finish(group[0], {**outcome, "log": str(log)}, time.perf_counter() - started, gpu)
+            return
+        log = out / "logs" / f"{group[0].id}+{len(group) - 1}.log"
+        shared = [case.id for case in group]
+        last = [started]
+
+        def on_case(index: int, outcome: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            finish(group[index], {**outcome, "log": str(log), "process_cases": shared}, now - last[0], gpu)
+            last[0] = now
+
+        run_workers(specs, _work_dir(out, gpu), log, settings.case_timeout * len(group), gpu, on_case)
+
+    def run_group(group: Sequence[Case], gpu: str | None) -> None:
+        for process in process_groups(group, settings.process_per):
+            run_process(process, gpu)
+
+    groups = card_groups(cases, settings.process_per)
+    _run_on_cards(settings.gpus, [functools.partial(run_group, group) for group in groups])
     return [done[c.id] for c in cases]
 
 
@@ -244,4 +351,11 @@ def _outcome_words(result: Mapping[str, Any]) -> str:
         return f"FAILED ({result.get('error')})"
     if result["mode"] == "bisect":
         return f"longest {longest_text(result)}"
+    if result["mode"] == "rl":
+        split = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result["slice_median_s"].items())
+        return (
+            f"step {result['median_step_s']:.2f} s ({split}), "
+            f"{result['generated_tokens_per_s'] or 0:,.0f} generated tokens/s, "
+            f"{gib(result.get('peak_allocated_gib'))} GiB peak"
+        )
     return f"{result['tokens_per_s']:,.0f} tokens/s, {gib(result.get('peak_allocated_gib'))} GiB peak"

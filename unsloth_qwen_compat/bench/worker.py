@@ -4,15 +4,19 @@ The parent starts this file by path (``runpy``), not as ``-m unsloth_qwen_compat
 the ``hf`` path must hide Unsloth before anything imports ``unsloth_qwen_compat``, whose
 ``__init__`` imports Unsloth. So this module imports nothing of the package at the top.
 
-Argument: a JSON spec (see ``runner.case_spec``). Modes:
+Arguments: one JSON spec or several (see ``runner.case_spec``), all of one path; several
+run in turn in this process (``--process-per shape``), the memory of one freed before the
+next. Modes:
 
 - ``prepare``: build the shape's random-weight bf16 checkpoint (on the GPU when there is
   one) and a tokenizer, and ``save_pretrained`` them (``checkpoints.build_checkpoint``);
 - ``train``: load through the package's loader, attach LoRA, time the steps;
-- ``bisect``: load once, then the longest sequence that trains one step.
+- ``bisect``: load once, then the longest sequence that trains one step;
+- ``rl``: load, attach LoRA, time GRPO-style steps slice by slice (:mod:`.rl`).
 
-The result, also when the case fails (``status: failed`` with the error's last line), is
-written as JSON to ``spec["result"]``; the exit code is 0 only for ``status: ok``.
+Each spec's result, also when its case fails (``status: failed`` with the error's last
+line), is written as JSON to its ``spec["result"]`` as soon as it is done; the exit code is
+0 only when every one is ``status: ok``.
 """
 
 from __future__ import annotations
@@ -151,7 +155,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(gpu_free_gib_at_start=free / GIB, gpu_total_gib=total / GIB)
     config = loader_config(spec)
     started = time.perf_counter()
-    model, _ = load_base_model(config)
+    model, tokenizer = load_base_model(config)
     result["dropped_qkv_biases"] = drop_qkv_bias(model) if spec["drop_qkv_bias"] else 0
     model = attach_lora(model, config)
     model.train()  # a model left in eval mode skips gradient checkpointing
@@ -166,10 +170,15 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         ids = torch.randint(0, shape.vocab_size, (spec["batch"], length), generator=generator)
         return ids.to(device)
 
-    # Unsloth's attention does not go through transformers' SDPA call: watched on hf only.
-    sdpa_inputs = watch_sdpa() if spec["path"] == "hf" else None
+    # Unsloth's attention does not go through transformers' SDPA call: watched on hf only
+    # (and not while generating, where it is called once per layer and token).
+    sdpa_inputs = watch_sdpa() if spec["path"] == "hf" and spec["mode"] != "rl" else None
     if spec["mode"] == "bisect":
         result.update(_bisect(spec, model, optimizer, random_ids, cuda))
+    elif spec["mode"] == "rl":
+        from unsloth_qwen_compat.bench.rl import timed_rl_steps
+
+        result.update(timed_rl_steps(spec, model, tokenizer, optimizer, cuda, log=_log))
     else:
         result.update(_timed_steps(spec, model, optimizer, random_ids, cuda))
     if sdpa_inputs is not None:
@@ -322,19 +331,39 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _free_memory() -> None:
+    """Between two specs of one process: the last one's model and optimizer are garbage."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    if spec["path"] == "hf":
+    specs = [json.loads(Path(path).read_text()) for path in argv]
+    paths = {spec["path"] for spec in specs}
+    if len(paths) != 1:
+        raise SystemExit(f"one worker process runs one path, got {sorted(paths)}")
+    if specs[0]["path"] == "hf":
         runpy.run_path(str(HIDE_UNSLOTH_FILE))["hide_unsloth"]()
-    started = time.perf_counter()
-    try:
-        result = {**run(spec), "status": "ok"}
-    except Exception as exc:
-        traceback.print_exc()
-        result = {"status": "failed", "error": error_line(exc)}
-    result["worker_seconds"] = time.perf_counter() - started
-    Path(spec["result"]).write_text(json.dumps(result, indent=1, default=str))
-    return 0 if result["status"] == "ok" else 1
+    failed = 0
+    for number, spec in enumerate(specs):
+        if number:
+            _free_memory()
+            _log(f"next case in this process: {spec['id']}")
+        started = time.perf_counter()
+        try:
+            result = {**run(spec), "status": "ok"}
+        except Exception as exc:
+            traceback.print_exc()
+            result = {"status": "failed", "error": error_line(exc)}
+        result["worker_seconds"] = time.perf_counter() - started
+        # Written to a side file, then renamed: the parent reads results while this process runs.
+        staging = Path(f"{spec['result']}.tmp")
+        staging.write_text(json.dumps(result, indent=1, default=str))
+        staging.replace(spec["result"])
+        failed += result["status"] != "ok"
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,31 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LEARNING_RATE = 1e-4
 GIB = 2**30
 
+#: ``--rl``'s step by default: 8 prompts x 8 sampled replies x 256 new tokens (GRPO's usual
+#: group of 8 replies per prompt), the replies forced to full length so every path decodes
+#: the same number of tokens.
+RL_PROMPTS = 8
+RL_REPLIES = 8
+RL_NEW_TOKENS = 256
+#: Rows per forward in the reference and policy passes (their logits are rows x length x
+#: vocabulary; 151,936 columns for Qwen), as a GRPO trainer's micro-batch.
+RL_MICRO_BATCH = 16
+#: KL coefficient of the policy loss (TRL's ``beta`` when it is on).
+RL_BETA = 0.04
+#: ``--rl``'s prompts (chat, rendered with the checkpoint's chat template), cycled.
+RL_QUESTIONS = (
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "Explain in one sentence what a low rank adapter is.",
+    "Write a haiku about gradient descent.",
+    "What is 17 times 23?",
+    "Name three prime numbers larger than one hundred.",
+    "Why is the sky blue? Answer briefly.",
+    "Summarise the rules of chess in two sentences.",
+)
+#: The slices of an RL step, in the order they run.
+RL_SLICES = ("generate", "reference", "train")
+
 #: Peak dense bf16 tensor FLOP/s by card, matched in order against the CUDA device name
 #: (``NVIDIA H100 80GB HBM3`` is the SXM part). NVL variants have other peaks: no MFU.
 PEAK_BF16_DENSE_FLOPS: tuple[tuple[str, float], ...] = (
