@@ -1,11 +1,11 @@
-"""``python -m conformance.rope_table [REPORTS_DIR] [--readme README.md] [--record CONFORMANCE.md]``.
+"""``python -m conformance.rope_table [REPORTS_DIR] [--readme README.md]``.
 
 Reads the committed raw reports ``REPORTS_DIR/<leg>/{shim,stock}.json`` (default
-``conformance-reports``), takes the RoPE-grid cells (``test_rope_grid[<family>-<type>-<window>-<n>]``)
-and prints, per RoPE type and leg, what each window ended in with the shim, and how many
-cells stock Unsloth got wrong. With ``--readme`` the table replaces the block between the
-``rope-grid`` markers of that file; with ``--record`` every case of every run (and the
-mutation runs) replaces the ``rope-grid-runs`` block of CONFORMANCE.md.
+``conformance-reports``, read by raw_reports.py), takes the RoPE-grid cells
+(``test_rope_grid[<family>-<type>-<window>-<n>]``) and prints, per RoPE type and leg, what
+each window ended in with the shim, and how many cells stock Unsloth got wrong. With
+``--readme`` the table replaces the block between the ``rope-grid`` markers of that file;
+CONFORMANCE.md (conformance/document.py) shows the same table, and every case of every run.
 
 A cell's outcome comes from its record: ``right`` (passed against the checkpoint's own
 config), ``extended`` (passed against the config the model exposes), ``refused``, or
@@ -15,11 +15,12 @@ config), ``extended`` (passed against the config the model exposes), ``refused``
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from conformance import raw_reports
 
 #: A grid case id; pytest-xdist's loadgroup appends "@<group>".
 CELL = re.compile(
@@ -27,6 +28,13 @@ CELL = re.compile(
 )
 WINDOWS = {"inside": "inside M", "past_max_positions": "past M", "past_coverage": "past coverage"}
 START, END = "<!-- rope-grid:", "<!-- /rope-grid -->"
+#: What the table's words mean (CONFORMANCE.md prints it above the table).
+LEGEND = (
+    "Per RoPE type and leg, what each window ended in with the shim: *right* (matches "
+    "transformers on the checkpoint's config), *extended* (matches transformers given the config "
+    'the model exposes), *refused*, or **WRONG**; where families differ they are named. "stock" '
+    "counts the cells stock Unsloth got wrong. The README shows the same table."
+)
 CONTROLS = ("llama", "mistral")
 
 
@@ -45,28 +53,25 @@ def outcome(case: dict, family: str) -> str:
 
 
 def read(reports: Path) -> dict:
-    """{leg: {mode: {(family, type, window): outcome}}} plus each report's header."""
+    """{leg: {mode: {"cells": {(family, type, window): outcome}, "header": report}}}, shim and
+    stock runs with grid cells (the first of each mode where a leg has several dtypes)."""
     legs: dict = {}
-    for path in sorted(reports.glob("*/*.json")):
-        if path.stem not in ("shim", "stock"):
-            continue
-        data = json.loads(path.read_text(encoding="utf-8"))
-        cells = {}
-        for case in data["cases"]:
-            match = CELL.fullmatch(case["case"])
-            if match:
-                cells[(match["family"], match["type"], match["window"])] = outcome(case, match["family"])
-        if cells:
-            legs.setdefault(path.parent.name, {})[path.stem] = {"cells": cells, "header": data}
+    for leg, runs in raw_reports.read(reports).items():
+        for run in runs:
+            if run.kind == "mutation" or run.kind in legs.get(leg, {}):
+                continue
+            cells = {}
+            for case in run.cases:
+                match = CELL.fullmatch(case["case"])
+                if match:
+                    cells[(match["family"], match["type"], match["window"])] = outcome(case, match["family"])
+            if cells:
+                legs.setdefault(leg, {})[run.kind] = {"cells": cells, "header": run.data}
     return legs
 
 
-def _leg_key(leg: str):
-    return [-int(part) if part.isdigit() else 0 for part in re.split(r"[.-]", leg)]
-
-
 def table(legs: dict) -> list[str]:
-    names = sorted(legs, key=_leg_key)
+    names = sorted(legs, key=raw_reports.leg_key)
     types: set[str] = set()
     for leg in names:
         for mode in legs[leg].values():
@@ -132,61 +137,6 @@ def _cell_text(leg: dict, kind: str) -> str:
     return "; ".join(parts) if parts else "-"
 
 
-RUNS_START, RUNS_END = "<!-- rope-grid-runs:", "<!-- /rope-grid-runs -->"
-
-
-def _measured(case: dict) -> str:
-    parts = [
-        f"{m['metric']} {m['value']:.3g}" + (f" (<= {m['bound']:.3g})" if m.get("bound") is not None else "")
-        for m in case["metrics"]
-    ]
-    if not parts and case["reason"]:
-        parts = [case["reason"].replace("|", "/").splitlines()[0][:160]]
-    return ", ".join(parts)
-
-
-def record(reports: Path) -> list[str]:
-    """CONFORMANCE.md's record of the RoPE runs: per leg its header, every case with the shim
-    and with stock Unsloth, and the mutation runs (each case that must fail, and did)."""
-    out = []
-    for leg in sorted({p.parent.name for p in reports.glob("*/*.json")}, key=_leg_key):
-        runs = {
-            p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((reports / leg).glob("*.json"))
-        }
-        for mode in ("shim", "stock"):
-            data = runs.get(mode)
-            if data is None:
-                continue
-            env = data["versions"]
-            counts = ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items()))
-            # Paths (the suite, the report folder) say nothing about what was selected.
-            args = [a for a in data.get("pytest_args", []) if not a.startswith("/")]
-            selection = " ".join(a for a in args if a != "--conformance-report")
-            out += [
-                f"- leg {leg}, {mode}: {data['date'][:10]}, {env['gpu']}, {data['dtype']}, unsloth {env['unsloth']}, "
-                f"transformers {env['transformers']}, torch {env['torch']}; `{selection}`: {counts}"
-            ]
-        shim = {c["case"].split("@")[0]: c for c in runs.get("shim", {}).get("cases", [])}
-        stock = {c["case"].split("@")[0]: c for c in runs.get("stock", {}).get("cases", [])}
-        out += ["", f"| {leg}: case | shim | measured | stock | measured |", "|---|---|---|---|---|"]
-        for name in sorted(set(shim) | set(stock)):
-            a, b = shim.get(name), stock.get(name)
-            out.append(
-                f"| `{name}` | {a['result'] if a else '-'} | {_measured(a) if a else ''} | "
-                f"{b['result'] if b else '-'} | {_measured(b) if b else ''} |"
-            )
-        mutations = {k: v for k, v in runs.items() if k.startswith("mutation-")}
-        if mutations:
-            out += ["", f"| {leg}: mutation | cases | failed (must fail) |", "|---|---|---|"]
-            for name, data in sorted(mutations.items()):
-                failed = [c["case"].split("@")[0] for c in data["cases"] if c["result"] in ("fail", "error")]
-                out.append(
-                    f"| `{name.removeprefix('mutation-')}` | {len(data['cases'])} | {', '.join(failed) or 'NONE'} |"
-                )
-        out.append("")
-    return out
-
-
 def replace_block(path: Path, lines: list[str], start_marker: str = START, end_marker: str = END) -> None:
     text = path.read_text(encoding="utf-8")
     start = text.index(start_marker)
@@ -201,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("reports", nargs="?", default="conformance-reports")
     parser.add_argument("--readme", help="rewrite the rope-grid block of this file")
-    parser.add_argument("--record", help="rewrite the rope-grid-runs block of this file (CONFORMANCE.md)")
     args = parser.parse_args(argv)
     legs = read(Path(args.reports))
     if not legs:
@@ -210,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(legs)
     if args.readme:
         replace_block(Path(args.readme), lines)
-    if args.record:
-        replace_block(Path(args.record), record(Path(args.reports)), RUNS_START, RUNS_END)
     print("\n".join(lines))
     return 0
 

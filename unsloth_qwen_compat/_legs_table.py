@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The README and CONFORMANCE.md (conformance/document.py) say a run's selection and counts
+# with the same words; that module imports neither Unsloth nor this package.
+from conformance.raw_reports import counts, selection
+
 from ._matrix import LEGS
 
 #: The README block this module writes, between these markers.
@@ -28,11 +32,6 @@ README_START, README_END = "<!-- legs:", "<!-- /legs -->"
 REPORTS_DIR = "conformance-reports"
 #: The runs a leg's row is made of (``mutation-*.json`` files beside them are not).
 RUNS = ("shim", "stock")
-#: Result counts in this order, then any other; ``fail`` is always shown.
-_RESULT_ORDER = ("pass", "refused", "skip", "xfail", "fail", "error")
-#: pytest options that select cases (shown) and others that take a value (skipped).
-_SELECTING = ("-m", "-k")
-_TAKES_VALUE = {"-p", "-n", "-c", "-r", "--dist", "--tb", "--rootdir", "--conformance-report", "--maxfail"}
 
 
 def read_reports(reports: Path, leg: str) -> dict[str, dict[str, Any]]:
@@ -44,28 +43,6 @@ def read_reports(reports: Path, leg: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def selection(report: dict[str, Any]) -> str:
-    """The cases a run selected, from its pytest arguments: ``-m`` / ``-k`` expressions and
-    test files, or "every case"."""
-    parts, args = [], iter(report.get("pytest_args", []))
-    for arg in args:
-        if arg in _SELECTING:
-            parts.append(f"`{arg} {next(args, '')}`")
-        elif arg in _TAKES_VALUE:
-            next(args, None)
-        elif not arg.startswith("-") and ".py" in arg:  # a test file or node id, not the suite
-            path, _, node = arg.partition("::")
-            parts.append(f"`{Path(path).name}{'::' + node if node else ''}`")
-    return " ".join(parts) or "every case"
-
-
-def counts(report: dict[str, Any]) -> str:
-    found = dict(report.get("counts", {}))
-    found.setdefault("fail", 0)
-    order = [r for r in _RESULT_ORDER if r in found] + sorted(set(found) - set(_RESULT_ORDER), key=str)
-    return ", ".join(f"{found[r]} {r}" for r in order if found[r] or r == "fail")
-
-
 def circumstances(report: dict[str, Any]) -> str:
     return f"{report['versions'].get('gpu', 'no GPU')}, {report['dtype']}, {report['date'][:10]}"
 
@@ -74,7 +51,7 @@ def conformance_cell(runs: dict[str, dict[str, Any]]) -> str:
     """E.g. "`-m rope`: shim 87 pass, 4 refused, 0 fail vs stock 65 pass, 26 fail (NVIDIA H200,
     fp32, 2026-12-02)"; what differs between the runs is said per run."""
     if not runs:
-        return "no raw report committed: see CONFORMANCE.md"
+        return "no raw report committed"
     same_cases = len({selection(r) for r in runs.values()}) == 1
     same_circumstances = len({circumstances(r) for r in runs.values()}) == 1
     parts = []

@@ -1,0 +1,133 @@
+"""The committed raw reports, ``conformance-reports/<leg>/<run>[.<dtype>].json``, read as data.
+
+``<leg>`` is a leg of tox.ini (``2026.10``); ``<run>`` is ``shim``, ``stock`` (the shim
+disabled) or ``mutation-<name>`` (the shim with a deliberate defect, conformance/mutations.py).
+Each file is the ``conformance.json`` a run wrote (report.py): a header (date, dtype,
+pytest_args, mutation, versions, shim status) and one record per case. The dtype is the
+header's; a file name may carry it too (``mutation-rope-base-1pct.bf16.json``), so runs of
+one kind in two dtypes sit side by side, and it must then agree with the header.
+
+Only the documents' generators read these (conformance/document.py, conformance/rope_table.py,
+unsloth_qwen_compat/_legs_table.py): they exist in a checkout, not in a wheel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Where a checkout keeps the raw reports, relative to its root.
+REPORTS_DIR = "conformance-reports"
+DTYPES = ("fp32", "bf16", "fp16")
+#: Result counts in this order, then any other; ``fail`` is always shown.
+RESULT_ORDER = ("pass", "refused", "skip", "xfail", "fail", "error")
+#: pytest options that select cases (shown) and others that take a value (skipped).
+_SELECTING = ("-m", "-k")
+_TAKES_VALUE = {"-p", "-n", "-c", "-r", "--dist", "--tb", "--rootdir", "--conformance-report", "--maxfail"}
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Run:
+    leg: str
+    kind: str  # "shim", "stock" or "mutation"
+    mutation: str  # the mutation's name ("" unless kind == "mutation")
+    dtype: str
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"mutation {self.mutation}" if self.kind == "mutation" else self.kind
+
+    @property
+    def cases(self) -> list[dict[str, Any]]:
+        return self.data.get("cases", [])
+
+
+def case_name(case: dict[str, Any]) -> str:
+    """The case id without pytest-xdist's ``@<group>`` suffix."""
+    return case["case"].split("@")[0]
+
+
+def leg_key(leg: str) -> list[int]:
+    """Sort key: newest leg first (2026.10, 2025.10, 2025.3)."""
+    return [-int(part) if part.isdigit() else 0 for part in re.split(r"[.-]", leg)]
+
+
+def _parse(path: Path, leg: str) -> Run:
+    stem, dtype_in_name = path.stem, ""
+    head, _, tail = stem.rpartition(".")
+    if head and tail in DTYPES:
+        stem, dtype_in_name = head, tail
+    data = json.loads(path.read_text(encoding="utf-8"))
+    dtype = data.get("dtype", "")
+    if dtype_in_name and dtype_in_name != dtype:
+        raise ReportError(f"{path}: the name says {dtype_in_name}, the report's header {dtype!r}")
+    if stem in ("shim", "stock"):
+        if data.get("mutation"):
+            raise ReportError(
+                f"{path}: a {stem} run with mutation {data['mutation']!r}: name it mutation-<name>.json"
+            )
+        return Run(leg, stem, "", dtype, path, data)
+    if stem.startswith("mutation-"):
+        name = data.get("mutation") or stem.removeprefix("mutation-")
+        return Run(leg, "mutation", name, dtype, path, data)
+    raise ReportError(f"{path}: not a report name (shim, stock or mutation-<name>, optionally .<dtype>)")
+
+
+def read(reports: Path) -> dict[str, list[Run]]:
+    """``{leg: [Run, ...]}``, newest leg first; runs as shim, stock, then mutations by name and dtype."""
+    legs: dict[str, list[Run]] = {}
+    for path in sorted(reports.glob("*/*.json")):
+        run = _parse(path, path.parent.name)
+        legs.setdefault(run.leg, []).append(run)
+    for leg, runs in legs.items():
+        seen: dict[tuple, Path] = {}
+        for run in runs:
+            key = (run.kind, run.mutation, run.dtype)
+            if key in seen:
+                raise ReportError(
+                    f"{seen[key].name} and {run.path.name} in {reports / leg}: two {run.label} runs in "
+                    f"{run.dtype}; keep the latest (git keeps the other)"
+                )
+            seen[key] = run.path
+        order = {"shim": 0, "stock": 1, "mutation": 2}
+        runs.sort(
+            key=lambda r: (order[r.kind], r.mutation, DTYPES.index(r.dtype) if r.dtype in DTYPES else 9)
+        )
+    return {leg: legs[leg] for leg in sorted(legs, key=leg_key)}
+
+
+def selection(report: dict[str, Any]) -> str:
+    """The cases a run selected, from its pytest arguments: ``-m`` / ``-k`` expressions and
+    test files, or "every case"."""
+    parts, args = [], iter(report.get("pytest_args", []))
+    for arg in args:
+        if arg in _SELECTING:
+            parts.append(f"`{arg} {next(args, '')}`")
+        elif arg in _TAKES_VALUE:
+            next(args, None)
+        elif not arg.startswith("-") and ".py" in arg:  # a test file or node id, not the suite
+            path, _, node = arg.partition("::")
+            parts.append(f"`{Path(path).name}{'::' + node if node else ''}`")
+    return " ".join(parts) or "every case"
+
+
+def is_partial(report: dict[str, Any]) -> bool:
+    """Whether the run selected part of the suite (its pytest arguments say so)."""
+    return selection(report) != "every case"
+
+
+def counts(report: dict[str, Any]) -> str:
+    """E.g. "87 pass, 4 refused, 0 fail": every result that occurred, and fail always."""
+    found = dict(report.get("counts", {}))
+    found.setdefault("fail", 0)
+    order = [r for r in RESULT_ORDER if r in found] + sorted(set(found) - set(RESULT_ORDER), key=str)
+    return ", ".join(f"{found[r]} {r}" for r in order if found[r] or r == "fail")

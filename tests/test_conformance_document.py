@@ -1,0 +1,203 @@
+"""CONFORMANCE.md is what `python -m conformance.document` makes of conformance-reports/, and
+that command says what the reports say (summary, worst errors, mutations, details)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conformance import document, raw_reports
+
+from .conftest import REPO
+
+
+def test_conformance_md_is_generated_from_the_committed_reports() -> None:
+    text, warnings = document.render(REPO / raw_reports.REPORTS_DIR)
+    assert warnings == [], "conformance-reports/notes.json holds notes on replaced runs: remove them"
+    page = (REPO / "CONFORMANCE.md").read_text(encoding="utf-8")
+    assert page == text, "regenerate: python -m conformance.document"
+    # Every committed run is on the page, and every mutation was caught somewhere.
+    for runs in raw_reports.read(REPO / raw_reports.REPORTS_DIR).values():
+        for run in runs:
+            assert f"- {run.label}: " in page or f"Mutation `{run.mutation}` ({run.dtype}" in page
+    assert "NOT CAUGHT" not in page
+
+
+def _case(name: str, result: str = "pass", *metrics: dict, reason: str = "") -> dict:
+    return {
+        "case": name,
+        "nodeid": f"conformance/x.py::{name}",
+        "result": result,
+        "metrics": list(metrics),
+        "reason": reason,
+        "seconds": 0.1,
+    }
+
+
+def _m(metric: str, value: float, bound: float | None, dtype: str = "bf16", **extra) -> dict:
+    return {
+        "metric": metric,
+        "value": value,
+        "bound": bound,
+        "dtype": dtype,
+        "ok": bound is None or value <= bound,
+        **extra,
+    }
+
+
+def _write(
+    root: Path,
+    leg: str,
+    name: str,
+    *cases: dict,
+    dtype: str = "bf16",
+    args=(),
+    mutation: str = "",
+    date: str = "2026-12-03T10:00:00+00:00",
+) -> None:
+    counts: dict[str, int] = {}
+    for case in cases:
+        counts[case["result"]] = counts.get(case["result"], 0) + 1
+    report = {
+        "date": date,
+        "device": "cuda",
+        "dtype": dtype,
+        "candidate_mode": "gpu",
+        "pytest_args": [
+            "/repo/conformance",
+            "-p",
+            "no:cacheprovider",
+            *args,
+            "--conformance-report",
+            "/tmp/r",
+        ],
+        "mutation": mutation,
+        "versions": {
+            "gpu": "NVIDIA H200",
+            "unsloth": "2026.10.9",
+            "transformers": "5.17.0",
+            "torch": "2.11.0",
+        },
+        "shim": {"installed": True, "enabled": True, "status": {"verdict": "shim needed for: rope_scaling"}},
+        "seconds": 12.0,
+        "counts": counts,
+        "cases": list(cases),
+    }
+    (root / leg).mkdir(parents=True, exist_ok=True)
+    (root / leg / name).write_text(json.dumps(report), encoding="utf-8")
+
+
+@pytest.fixture
+def reports(tmp_path: Path) -> Path:
+    root = tmp_path / "conformance-reports"
+    # A full-suite shim run whose bounds come from rounding (a peer each), a partial stock run.
+    _write(
+        root,
+        "2026.10",
+        "shim.json",
+        _case("test_forward_logits[qwen2-plain]", "pass", _m("logits_rel", 0.02, 0.05, peer=0.018)),
+        _case("test_forward_logits[qwen3-plain]", "pass", _m("logits_rel", 0.015, 0.02, peer=0.009)),
+        _case("test_chat_template[qwen3-plain-x]", "pass", _m("text_chars[multi_turn][thinking=on]", 0, 0)),
+        _case(
+            "test_quant[qwen3_moe-plain]",
+            "refused",
+            reason="_pytest.outcomes.XFailed: refused by unsloth_qwen_compat: no",
+        ),
+    )
+    _write(
+        root,
+        "2026.10",
+        "stock.json",
+        _case("test_forward_logits[qwen2-plain]", "fail", _m("logits_rel", 0.9, 0.05, peer=0.018)),
+        args=["-m", "forward", "-n", "3"],
+    )
+    # One mutation in two dtypes: named by header (fp32) and by file name (bf16).
+    _write(
+        root,
+        "2026.10",
+        "mutation-rope-base-1pct.json",
+        _case("test_forward_logits[qwen2-plain]", "fail", _m("logits_rel", 0.3, 1e-4, "fp32")),
+        _case("test_forward_logits[qwen3-plain]", "fail", _m("logits_rel", 0.2, 1e-4, "fp32")),
+        dtype="fp32",
+        args=["-k", "qwen"],
+        mutation="rope-base-1pct",
+    )
+    _write(
+        root,
+        "2026.10",
+        "mutation-rope-base-1pct.bf16.json",
+        _case("test_forward_logits[qwen2-plain]", "pass", _m("logits_rel", 0.02, 0.05)),
+        args=["-k", "qwen"],
+        mutation="rope-base-1pct",
+    )
+    (root / "notes.json").write_text(
+        json.dumps(
+            {
+                "page": ["a page note"],
+                "runs": {
+                    "2026.10/shim.json": {"date": "2026-12-03T10:00:00+00:00", "notes": ["ran at abc1234"]},
+                    "2026.10/stock.json": {
+                        "date": "2026-11-01T00:00:00+00:00",
+                        "notes": ["an older run's note"],
+                    },
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    return root
+
+
+def test_summary_mutations_and_details_say_what_the_reports_say(reports: Path) -> None:
+    text, warnings = document.render(reports)
+    lines = text.splitlines()
+    # Summary: counts per run, and a partial run says so (from its pytest arguments).
+    assert "| 2026.10 | shim | full suite | 3 | 1 | 0 | - | NVIDIA H200, bf16, 2026-12-03 |" in text
+    assert "| 2026.10 | stock | partial: `-m forward` | 0 | 0 | **1** | - |" in text
+    # Worst per metric: the largest against its own bound (0.015 of 0.02, not 0.02 of 0.05),
+    # with the peer it was judged against; labels grouped by their quantity.
+    (row,) = [line for line in lines if line.startswith("| logits_rel | bf16 |")]
+    assert "0.015 (peer 0.009, <= 0.02) | `test_forward_logits[qwen3-plain]`" in row
+    assert "**0.9** (peer 0.018, <= 0.05) | `test_forward_logits[qwen2-plain]`" in row
+    assert any(line.startswith("| text_chars | bf16 | 0 (<= 0) |") for line in lines)
+    # Mutations: dtype columns; caught, or NOT CAUGHT.
+    assert "| leg | mutation | fp32 | bf16 |" in text
+    assert (
+        "| 2026.10 | `rope-base-1pct` | `test_forward_logits[qwen2-plain]` and 1 more (2 of 2 cases failed) "
+        "| **NOT CAUGHT** (0 of 1 cases failed) |"
+    ) in text
+    # Details: every case, the peer beside its value, the refusal's reason; notes of the run.
+    assert (
+        "| `test_forward_logits[qwen2-plain]` | pass | logits_rel 0.02 (peer 0.018, <= 0.05) | **fail** |"
+        in text
+    )
+    assert "| refused | refused by unsloth_qwen_compat: no |" in text
+    assert "  - ran at abc1234" in lines and "- a page note" in lines
+    # A note on a run the file no longer holds leaves the page, with a warning.
+    assert "an older run's note" not in text
+    assert len(warnings) == 1 and "2026.10/stock.json" in warnings[0]
+    assert "## RoPE grid" not in text  # no grid cell in these reports
+
+
+def test_reports_that_contradict_their_names_are_errors(reports: Path) -> None:
+    _write(
+        reports, "2026.10", "mutation-rope-yarn-linear.fp16.json", dtype="fp32", mutation="rope-yarn-linear"
+    )
+    with pytest.raises(raw_reports.ReportError, match="the name says fp16"):
+        document.render(reports)
+    (reports / "2026.10" / "mutation-rope-yarn-linear.fp16.json").unlink()
+    _write(reports, "2026.10", "shim.bf16.json")
+    with pytest.raises(raw_reports.ReportError, match="two shim runs in bf16"):
+        document.render(reports)
+
+
+def test_the_command_writes_the_page_and_checks_it(reports: Path, tmp_path: Path, capsys) -> None:
+    page = tmp_path / "CONFORMANCE.md"
+    assert document.main([str(page), "--reports", str(reports), "--check"]) == 1
+    assert document.main([str(page), "--reports", str(reports)]) == 0
+    assert page.read_text(encoding="utf-8") == document.render(reports)[0]
+    assert document.main([str(page), "--reports", str(reports), "--check"]) == 0
+    assert "warning:" in capsys.readouterr().err
+    assert document.main([str(page), "--reports", str(tmp_path / "none")]) == 1
