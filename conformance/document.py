@@ -1,4 +1,4 @@
-"""``python -m conformance.document [CONFORMANCE.md] [--reports DIR] [--check]``: the conformance record.
+"""``python -m conformance.document [CONFORMANCE.md] [--reports DIR] [--collect DIR] [--check]``: the record.
 
 Writes the whole of CONFORMANCE.md from the committed raw reports
 (``conformance-reports/<leg>/{shim,stock}.json`` and ``mutation-<name>[.<dtype>].json``,
@@ -8,8 +8,10 @@ refused / fail, whether it ran part of the suite (from its pytest arguments), th
 error per metric against its bound, shim and stock side by side; then the mutation table
 (mutation x dtype: the case that caught it, or NOT CAUGHT); the RoPE grid table
 (rope_table.py, the README's too); then every case of every run. A report replaced by a
-newer one leaves the page with it; git keeps both. ``--check`` exits 1 when the page is
-not what the reports give (tests/test_conformance_document.py checks the same).
+newer one leaves the page with it; git keeps both. ``--collect DIR`` first copies the reports
+of a GPU run (conformance/offline_legs.sh's ``DIR/<leg>/<run>/conformance.json``) into place,
+each replacing the committed run of the same kind, mutation and dtype. ``--check`` exits 1
+when the page is not what the reports give (tests/test_conformance_document.py checks the same).
 """
 
 from __future__ import annotations
@@ -307,6 +309,38 @@ def read_notes(reports: Path, legs: dict[str, list[Run]]) -> tuple[dict[str, Any
     return {"page": notes.get("page", []), "runs": kept}, stale
 
 
+# -- collecting a GPU run's reports ----------------------------------------------------------
+
+
+def collect(source: Path, reports: Path) -> list[str]:
+    """Copy the reports of a run of conformance/offline_legs.sh (``SOURCE/<leg>/<run>/conformance.json``)
+    to ``reports/<leg>/``, each replacing the committed run of the same kind, mutation and dtype.
+
+    A run is written as ``<run>.json``, or as ``<run>.<dtype>.json`` where ``<run>.json`` holds
+    a run of the same kind in another dtype, which stays."""
+    found = sorted(source.glob("*/*/conformance.json"))
+    if not found:
+        raise raw_reports.ReportError(f"no {source}/<leg>/<run>/conformance.json to collect")
+    done = []
+    for path in found:
+        leg, name = path.parent.parent.name, path.parent.name
+        new = raw_reports.parse(path, leg, stem=name)
+        target_dir = reports / leg
+        target_dir.mkdir(parents=True, exist_ok=True)
+        replaced = []
+        for old_path in sorted(target_dir.glob("*.json")):
+            old = raw_reports.parse(old_path, leg)
+            if (old.kind, old.mutation, old.dtype) == (new.kind, new.mutation, new.dtype):
+                old_path.unlink()
+                replaced.append(old_path.name)
+        target = target_dir / f"{name}.json"
+        if target.exists():
+            target = target_dir / f"{name}.{new.dtype}.json"
+        target.write_bytes(path.read_bytes())
+        done.append(f"{path} -> {target}" + (f" (replaces {', '.join(replaced)})" if replaced else ""))
+    return done
+
+
 # -- the page -----------------------------------------------------------------------------
 
 
@@ -368,12 +402,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the page is not what the reports give"
     )
+    parser.add_argument(
+        "--collect",
+        metavar="DIR",
+        help="first copy DIR/<leg>/<run>/conformance.json (conformance/offline_legs.sh's output) into the reports",
+    )
     args = parser.parse_args(argv)
     reports, page = Path(args.reports), Path(args.page)
     if not reports.is_dir():
         print(f"no {reports}/ here: run this from a checkout of the repository", file=sys.stderr)
         return 1
+    if args.collect and args.check:
+        parser.error("--collect changes the reports; --check only reads them")
     try:
+        if args.collect:
+            for line in collect(Path(args.collect), reports):
+                print(line)
         text, warnings = render(reports)
     except raw_reports.ReportError as error:
         print(f"error: {error}", file=sys.stderr)

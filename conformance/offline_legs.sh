@@ -10,6 +10,8 @@
 # installed with --no-deps into its own folder, put first on PYTHONPATH, so its transformers
 # shadows the machine's while torch comes from the machine. Each run gets its own working
 # directory (Unsloth writes a compile cache there) and REPORT_ROOT/<LEG>/<stock|shim>/.
+# Then `python -m conformance.document --collect REPORT_ROOT` puts the reports in
+# conformance-reports/ and regenerates CONFORMANCE.md from them.
 set -uo pipefail
 root=$(mkdir -p "$1" && cd "$1" && pwd)
 shift

@@ -61,8 +61,9 @@ def leg_key(leg: str) -> list[int]:
     return [-int(part) if part.isdigit() else 0 for part in re.split(r"[.-]", leg)]
 
 
-def _parse(path: Path, leg: str) -> Run:
-    stem, dtype_in_name = path.stem, ""
+def parse(path: Path, leg: str, stem: str | None = None) -> Run:
+    """One report; ``stem`` names the run where the file name does not (``conformance.json``)."""
+    stem, dtype_in_name = stem or path.stem, ""
     head, _, tail = stem.rpartition(".")
     if head and tail in DTYPES:
         stem, dtype_in_name = head, tail
@@ -86,7 +87,7 @@ def read(reports: Path) -> dict[str, list[Run]]:
     """``{leg: [Run, ...]}``, newest leg first; runs as shim, stock, then mutations by name and dtype."""
     legs: dict[str, list[Run]] = {}
     for path in sorted(reports.glob("*/*.json")):
-        run = _parse(path, path.parent.name)
+        run = parse(path, path.parent.name)
         legs.setdefault(run.leg, []).append(run)
     for leg, runs in legs.items():
         seen: dict[tuple, Path] = {}

@@ -201,3 +201,45 @@ def test_the_command_writes_the_page_and_checks_it(reports: Path, tmp_path: Path
     assert document.main([str(page), "--reports", str(reports), "--check"]) == 0
     assert "warning:" in capsys.readouterr().err
     assert document.main([str(page), "--reports", str(tmp_path / "none")]) == 1
+
+
+def test_collect_puts_a_gpu_runs_reports_in_place(reports: Path, tmp_path: Path, capsys) -> None:
+    # conformance/offline_legs.sh's layout: DIR/<leg>/<run>/conformance.json.
+    source = tmp_path / "gpu-run"
+    for leg, run, dtype in [
+        ("2026.10", "stock", "bf16"),  # replaces stock.json (same kind and dtype)
+        ("2026.10", "shim", "fp32"),  # beside shim.json, which is bf16 and stays
+        ("2026.10", "mutation-rope-base-1pct", "bf16"),  # replaces mutation-rope-base-1pct.bf16.json
+        ("2025.3", "shim", "bf16"),  # a leg with no report yet
+    ]:
+        mutation = run.removeprefix("mutation-") if run.startswith("mutation-") else ""
+        _write(
+            source,
+            f"{leg}/{run}",
+            "conformance.json",
+            _case("test_x[qwen2-plain]"),
+            dtype=dtype,
+            mutation=mutation,
+            date="2026-12-04T00:00:00+00:00",
+        )
+    page = tmp_path / "CONFORMANCE.md"
+    assert document.main([str(page), "--reports", str(reports), "--collect", str(source)]) == 0
+    names = {p.relative_to(reports).as_posix() for p in reports.glob("*/*.json")}
+    assert names == {
+        "2026.10/shim.json",
+        "2026.10/shim.fp32.json",
+        "2026.10/stock.json",
+        "2026.10/mutation-rope-base-1pct.json",
+        "2026.10/mutation-rope-base-1pct.bf16.json",
+        "2025.3/shim.json",
+    }
+    assert json.loads((reports / "2026.10/stock.json").read_text())["date"].startswith("2026-12-04")
+    out = capsys.readouterr().out
+    assert "(replaces stock.json)" in out and "(replaces mutation-rope-base-1pct.bf16.json)" in out
+    text = page.read_text(encoding="utf-8")
+    assert "| 2026.10 | shim | full suite | 1 | 0 | 0 | - | NVIDIA H200, fp32, 2026-12-04 |" in text
+    assert "| 2025.3 | shim | full suite | 1 |" in text
+    assert "| case | shim (fp32) | measured | shim (bf16) | measured | stock (bf16) | measured |" in text
+    assert "ran at abc1234" in text  # shim.json (bf16) stayed, and its note with it
+    with pytest.raises(raw_reports.ReportError, match="to collect"):
+        document.collect(tmp_path / "empty", reports)
