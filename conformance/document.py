@@ -317,20 +317,25 @@ def collect(source: Path, reports: Path) -> list[str]:
     to ``reports/<leg>/``, each replacing the committed run of the same kind, mutation and dtype.
 
     A run is written as ``<run>.json``, or as ``<run>.<dtype>.json`` where ``<run>.json`` holds
-    a run of the same kind in another dtype, which stays."""
+    a run of the same kind in another dtype, which stays. The notes on a replaced run go too."""
     found = sorted(source.glob("*/*/conformance.json"))
     if not found:
         raise raw_reports.ReportError(f"no {source}/<leg>/<run>/conformance.json to collect")
-    done = []
+    done, dropped = [], []
     for path in found:
         leg, name = path.parent.parent.name, path.parent.name
         new = raw_reports.parse(path, leg, stem=name)
         target_dir = reports / leg
         target_dir.mkdir(parents=True, exist_ok=True)
-        replaced = []
+        replaced, lost = [], []
         for old_path in sorted(target_dir.glob("*.json")):
             old = raw_reports.parse(old_path, leg)
             if (old.kind, old.mutation, old.dtype) == (new.kind, new.mutation, new.dtype):
+                gone = {case_name(c) for c in old.cases} - {case_name(c) for c in new.cases}
+                if gone:
+                    lost.append(
+                        f"{len(gone)} cases only {old_path.name} ({raw_reports.selection(old.data)}) had"
+                    )
                 old_path.unlink()
                 replaced.append(old_path.name)
         target = target_dir / f"{name}.json"
@@ -338,6 +343,16 @@ def collect(source: Path, reports: Path) -> list[str]:
             target = target_dir / f"{name}.{new.dtype}.json"
         target.write_bytes(path.read_bytes())
         done.append(f"{path} -> {target}" + (f" (replaces {', '.join(replaced)})" if replaced else ""))
+        done += [f"  warning: the page loses the {text}" for text in lost]
+        dropped += [f"{leg}/{name}" for name in replaced]
+    notes_path = reports / NOTES
+    if notes_path.is_file():  # notes on a replaced run describe that run: they leave with it
+        notes = json.loads(notes_path.read_text(encoding="utf-8"))
+        runs = notes.get("runs", {})
+        if any(key in runs for key in dropped):
+            notes["runs"] = {key: entry for key, entry in runs.items() if key not in dropped}
+            notes_path.write_text(json.dumps(notes, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            done.append(f"{notes_path}: notes on {', '.join(k for k in dropped if k in runs)} removed")
     return done
 
 

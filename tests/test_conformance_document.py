@@ -236,6 +236,11 @@ def test_collect_puts_a_gpu_runs_reports_in_place(reports: Path, tmp_path: Path,
     assert json.loads((reports / "2026.10/stock.json").read_text())["date"].startswith("2026-12-04")
     out = capsys.readouterr().out
     assert "(replaces stock.json)" in out and "(replaces mutation-rope-base-1pct.bf16.json)" in out
+    # A run of another selection replaced: what only the old one measured is said to leave.
+    assert "warning: the page loses the 1 cases only stock.json (`-m forward`) had" in out
+    assert "notes on 2026.10/stock.json removed" in out
+    assert list(json.loads((reports / "notes.json").read_text())["runs"]) == ["2026.10/shim.json"]
+    assert document.render(reports)[1] == []  # no stale note left
     text = page.read_text(encoding="utf-8")
     assert "| 2026.10 | shim | full suite | 1 | 0 | 0 | - | NVIDIA H200, fp32, 2026-12-04 |" in text
     assert "| 2025.3 | shim | full suite | 1 |" in text
