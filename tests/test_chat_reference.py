@@ -111,26 +111,41 @@ def test_the_shims_templates_render_exactly_as_the_references(family) -> None:
 #: One-character slips in the shim's template (one character inserted or replaced), each
 #: where only some of the renders see it.
 ONE_CHARACTER_OFF = [
+    # (family, text in the shim's template, the slip, the renders that must see it). Each
+    # conversation and each thinking variant is the only one to catch some slip.
     # Qwen3, thinking off only: a space in the empty think block.
-    ("qwen3", "{{- '<think>\\n\\n</think>\\n\\n' }}", "{{- '<think>\\n \\n</think>\\n\\n' }}"),
-    # Qwen3: the generation prompt's role line.
-    ("qwen3", "{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant \\n' }}"),
+    (
+        "qwen3",
+        "{{- '<think>\\n\\n</think>\\n\\n' }}",
+        "{{- '<think>\\n \\n</think>\\n\\n' }}",
+        "[thinking=off]",
+    ),
+    # Qwen3: the generation prompt's role line (every render).
+    ("qwen3", "{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant \\n' }}", "["),
     # Qwen3: reasoning kept after the last user query (only reasoning_last renders it).
-    ("qwen3", "'\\n</think>\\n\\n' + content", "'\\n</Think>\\n\\n' + content"),
+    ("qwen3", "'\\n</think>\\n\\n' + content", "'\\n</Think>\\n\\n' + content", "[reasoning_last]"),
     # Qwen2.5: the default system prompt (only the no-system conversation renders it).
-    ("qwen2", "You are a helpful assistant.<|im_end|>", "You are a helpful assistant!<|im_end|>"),
-    # Qwen2.5: the separator after each turn.
-    ("qwen2", "'<|im_end|>' + '\\n' }}", "'<|im_end|>' + '\\t' }}"),
+    (
+        "qwen2",
+        "You are a helpful assistant.<|im_end|>",
+        "You are a helpful assistant!<|im_end|>",
+        "[no_system]",
+    ),
+    # Qwen2.5: the separator after each turn (every render).
+    ("qwen2", "'<|im_end|>' + '\\n' }}", "'<|im_end|>' + '\\t' }}", "["),
 ]
 
 
-@pytest.mark.parametrize(("family", "old", "new"), ONE_CHARACTER_OFF)
-def test_a_shim_template_off_by_one_character_fails_the_case(family, old, new) -> None:
+@pytest.mark.parametrize(("family", "old", "new", "seen_by"), ONE_CHARACTER_OFF)
+def test_a_shim_template_off_by_one_character_fails_the_case(family, old, new, seen_by) -> None:
     template = _shim_template(family)
     assert template.count(old) == 1, f"{old!r} not found once in the shim's template"
     mutated = template.replace(old, new)
     assert len(mutated) - len(template) in (0, 1) and mutated != template
     measurements, recorded = _judge(family, mutated)
-    failed = [label for (label, _, count) in measurements if count > 0]
+    failed = {label for (label, _, count) in measurements if count > 0}
     assert failed, f"{old!r} -> {new!r} went unnoticed"
+    # Exactly the renders that reach the slip fail, text and ids alike.
+    expected = {label for (label, _, _) in measurements if seen_by in label}
+    assert failed == expected
     assert not all(ok for *_, ok in recorded)
