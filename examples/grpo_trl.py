@@ -3,12 +3,18 @@
     python examples/grpo_trl.py --out DIR                          # HF path, TRL's GRPOTrainer (runs on CPU)
     python examples/grpo_trl.py --out DIR --loop custom            # the same loop written by hand
     python examples/grpo_trl.py --out DIR --framework unsloth      # Unsloth path (needs a CUDA GPU)
-    python examples/grpo_trl.py --out DIR --compare-paths          # both paths, first-step losses compared (GPU)
+    python examples/grpo_trl.py --out DIR --compare-paths          # both paths at once, compared (GPU)
+    python examples/grpo_trl.py --make-checkpoint DIR --shape qwen3-1.7b   # build a checkpoint only
 
 The model comes from ``unsloth_qwen_compat.loading`` (``load_base_model`` then
 ``attach_lora``); ``--framework`` is the only difference between the paths. Without
-``--checkpoint`` a tiny random Qwen3 and its tokenizer are built in DIR first, so nothing
-is downloaded. Each step samples ``NUM_GENERATIONS`` replies for each of
+``--checkpoint`` a random Qwen3 and its tokenizer are built in DIR first, so nothing is
+downloaded: ``--shape tiny`` (2 layers, hidden 64) or ``--shape qwen3-1.7b`` (Qwen3-1.7B's
+28 layers, hidden 2048, 16 query and 8 key/value heads of 128, MLP 6144, tied embeddings)
+with the example's own 448-token vocabulary, so that the reward reads real text (Qwen's
+151,936-token vocabulary would need Qwen's tokenizer, which is not downloaded).
+``--precision`` picks bf16 or qlora (4-bit NF4, bf16 compute; needs CUDA); by default
+qlora on a GPU and the checkpoint's dtype (float32) on the CPU. Each step samples ``NUM_GENERATIONS`` replies for each of
 ``PROMPTS_PER_STEP`` prompts, rewards them with :func:`reply_reward` (longer replies, and
 replies naming ``REWARD_WORD``, score higher), and takes one optimizer step on a GRPO loss
 with a KL term (``BETA``) against the model with its adapter disabled.
@@ -37,13 +43,24 @@ where neither can be read). The run exits 1, naming the failed check, when:
   ``PEAK_TOLERANCE`` of it (skipped, and said so, where memory cannot be measured);
 - a step logged a non-finite reward, loss or KL, or generated nothing.
 
-``--compare-paths`` runs the HF and the Unsloth path in two processes on one checkpoint
-and fails when their first-step losses differ by more than ``LOSS_ATOL + LOSS_RTOL *
-|loss|``. That mode needs a CUDA GPU and has not been run on one yet. At step 1 the
-policy equals the reference (LoRA starts at zero) and the importance ratio is exactly
-1, so the first-step loss is a function of the sampled replies' rewards and lengths
-only: it shows that both paths sample and score alike (same seed), not that their
-logits agree; ``first_step_replies_identical`` in the JSON says whether the samples did.
+Before training, every run scores one fixed batch (:func:`first_step_batch`: the first
+step's prompts, each with ``NUM_GENERATIONS`` replies of seeded random tokens of varied
+lengths, rewarded by :func:`reply_reward`): the GRPO loss of step 1 on it, the policy's
+mean negative log-likelihood of the reply tokens, and the loss's gradient on every adapter
+tensor (``first_step`` in the JSON, the gradients in ``first_step_grads.pt``).
+
+``--compare-paths`` runs the HF and the Unsloth path at once, in two processes on one
+checkpoint, and fails unless both pass their own checks and their first-step scores of
+that batch agree within the conformance suite's bounds for the dtype
+(``conformance/tolerances.py``: ``lora_loss_rel`` for the GRPO loss and the
+log-likelihood, ``lora_grad_rel`` for the worst adapter gradient tensor; qlora computes in
+bf16 on weights both paths dequantize alike, so it takes the bf16 bounds). The batch is
+fixed because sampled replies differ between the paths (their logits round differently,
+so sampling drifts apart), and at step 1 (LoRA starts at zero: the policy is the
+reference, the importance ratio 1) the GRPO loss of sampled replies depends only on their
+rewards and lengths, not on the logits; the gradient and the log-likelihood do. The
+logged first-step losses of both runs are in the JSON too, not compared. That mode needs
+a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -74,10 +91,24 @@ SEED = 0
 
 #: A step after step 2 may peak at most this fraction above step 2's peak.
 PEAK_TOLERANCE = 0.05
-#: --compare-paths: first-step losses agree within LOSS_ATOL + LOSS_RTOL * |loss|. The
-#: absolute part covers the common case of a first-step loss of about 0 (equal-length
-#: replies give a token-level mean advantage of 0).
-LOSS_ATOL, LOSS_RTOL = 1e-3, 0.02
+#: The adapter gradients of the first-step batch, written by every run.
+FIRST_STEP_GRADS = "first_step_grads.pt"
+#: The conformance suite's bounds table per loaded dtype (qlora computes in bf16).
+BOUND_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+#: --shape: keyword arguments for tiny_qwen.build_tiny_qwen (its vocabulary either way).
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "qwen3-1.7b": {
+        "layers": 28,
+        "hidden_size": 2048,
+        "heads": 16,
+        "kv_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 6144,
+        "tie_word_embeddings": True,
+    },
+}
 
 REWARD_WORD = "Paris"
 REWARD_LENGTH = 48  # characters; longer replies earn no more
@@ -426,6 +457,37 @@ def train_with_trl(model: Any, tokenizer: Any, steps: int, out: Path, meter: Pea
     }
 
 
+def model_inputs(sequences: Any, attention_mask: Any) -> dict[str, Any]:
+    """A forward's inputs for left-padded rows: the positions generate() used, counted from
+    each row's first real token."""
+    return {
+        "input_ids": sequences,
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+    }
+
+
+def group_advantages(rewards: Any) -> Any:
+    """(prompts, replies) rewards -> one advantage per row, normalised within each prompt's
+    group (TRL's default ``scale_rewards="group"``)."""
+    advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1, 1)
+
+
+def grpo_loss(policy: Any, reference: Any, advantages: Any, completion_mask: Any) -> tuple[Any, Any]:
+    """GRPO's loss (token-level mean over the batch's completion tokens, TRL's default
+    ``dapo``) and the mean k3 KL (detached). One update per generation: the ratio is exactly
+    1 but carries the policy gradient."""
+    import torch
+
+    mask = completion_mask.to(policy.dtype)
+    tokens = mask.sum().clamp(min=1)
+    ratio = torch.exp(policy - policy.detach())
+    kl = torch.exp(reference - policy) - (reference - policy) - 1  # k3, as TRL
+    loss = ((-ratio * advantages + BETA * kl) * mask).sum() / tokens
+    return loss, (kl.detach() * mask).sum() / tokens
+
+
 def completion_log_probs(logits: Any, sequences: Any, prompt_length: int) -> Any:
     """Log-probabilities of the completion tokens (float32), shape (rows, completion length)."""
     import torch
@@ -475,25 +537,12 @@ def train_by_hand(model: Any, tokenizer: Any, steps: int, meter: PeakMemory) -> 
         rewards = torch.tensor(
             [[reply_reward(text) for text in group] for group in replies.texts], device=device
         )
-        # Group-normalised advantages, as TRL's default scale_rewards="group".
-        advantages = (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + 1e-4)
-        advantages = advantages.reshape(-1, 1)
-        inputs = {
-            "input_ids": replies.sequences,
-            "attention_mask": replies.attention_mask,
-            # The positions generate() used: counted from each row's first real token.
-            "position_ids": (replies.attention_mask.cumsum(-1) - 1).clamp(min=0),
-        }
+        inputs = model_inputs(replies.sequences, replies.attention_mask)
         reference = completion_log_probs(
             reference_logits(model, **inputs), replies.sequences, replies.prompt_length
         )
         policy = completion_log_probs(model(**inputs).logits, replies.sequences, replies.prompt_length)
-        mask = replies.completion_mask.to(policy.dtype)
-        tokens = mask.sum().clamp(min=1)
-        # One update per generation: the ratio is exactly 1 but carries the policy gradient.
-        ratio = torch.exp(policy - policy.detach())
-        kl = torch.exp(reference - policy) - (reference - policy) - 1  # k3, as TRL
-        loss = ((-ratio * advantages + BETA * kl) * mask).sum() / tokens
+        loss, kl = grpo_loss(policy, reference, group_advantages(rewards), replies.completion_mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -504,7 +553,7 @@ def train_by_hand(model: Any, tokenizer: Any, steps: int, meter: PeakMemory) -> 
                 "reward": rewards.mean().item(),
                 "reward_std": rewards.std().item(),
                 "loss": loss.item(),
-                "kl": ((kl.detach() * mask).sum() / tokens).item(),
+                "kl": kl.item(),
                 "generation_seconds": generation_seconds,
                 "generated_tokens": int(replies.completion_mask.sum()),
                 "step_seconds": time.perf_counter() - start,
@@ -518,6 +567,94 @@ def train_by_hand(model: Any, tokenizer: Any, steps: int, meter: PeakMemory) -> 
         "first_step_completion_ids": first_step_completion_ids,
         "before": before,
     }
+
+
+# --------------------------------------------------------------------------------------
+# The first-step batch both paths score
+
+
+def first_step_batch(tokenizer: Any) -> dict[str, Any]:
+    """Step 1's prompts, each with ``NUM_GENERATIONS`` fixed replies (CPU tensors).
+
+    Reply tokens are drawn with a seeded generator from the tokenizer's ordinary tokens, so
+    both paths (each in its own process) build the same batch. Reply ``i`` of a group ends
+    with EOS after ``MAX_NEW_TOKENS * (i + 1) / NUM_GENERATIONS`` tokens (the last runs to
+    the limit), so lengths, and with them the rewards, differ within every group.
+    """
+    import torch
+
+    texts = [
+        tokenizer.apply_chat_template(prompt_messages(i), tokenize=False, add_generation_prompt=True)
+        for i in range(PROMPTS_PER_STEP)
+    ]
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        prompts = tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    rows = PROMPTS_PER_STEP * NUM_GENERATIONS
+    generator = torch.Generator().manual_seed(SEED)
+    completion = ordinary[torch.randint(len(ordinary), (rows, MAX_NEW_TOKENS), generator=generator)]
+    completion_mask = torch.zeros(rows, MAX_NEW_TOKENS, dtype=torch.long)
+    for row in range(rows):
+        length = MAX_NEW_TOKENS * (row % NUM_GENERATIONS + 1) // NUM_GENERATIONS
+        completion_mask[row, :length] = 1
+        if length < MAX_NEW_TOKENS:
+            completion[row, length - 1] = tokenizer.eos_token_id
+            completion[row, length:] = tokenizer.pad_token_id
+    lengths = completion_mask.sum(dim=1).tolist()
+    replies = [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion, lengths)]
+    prompt_ids = prompts["input_ids"].repeat_interleave(NUM_GENERATIONS, dim=0)
+    prompt_mask = prompts["attention_mask"].repeat_interleave(NUM_GENERATIONS, dim=0)
+    return {
+        "sequences": torch.cat([prompt_ids, completion], dim=1),
+        "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),
+        "completion_mask": completion_mask,
+        "prompt_length": prompt_ids.shape[1],
+        "rewards": torch.tensor([reply_reward(text) for text in replies]).reshape(PROMPTS_PER_STEP, -1),
+    }
+
+
+def score_first_step(model: Any, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The GRPO loss of step 1 on :func:`first_step_batch`, the policy's mean negative
+    log-likelihood of its reply tokens, and the loss's gradient on every adapter tensor
+    (returned apart: name -> float32 CPU tensor). The gradients are cleared afterwards; no
+    weight changes."""
+    import torch
+
+    from unsloth_qwen_compat.loading import reference_logits
+
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    batch = first_step_batch(tokenizer)
+    sequences = batch["sequences"].to(device)
+    inputs = model_inputs(sequences, batch["attention_mask"].to(device))
+    completion_mask = batch["completion_mask"].to(device)
+    prompt_length = batch["prompt_length"]
+    reference = completion_log_probs(reference_logits(model, **inputs), sequences, prompt_length)
+    policy = completion_log_probs(model(**inputs).logits, sequences, prompt_length)
+    loss, kl = grpo_loss(policy, reference, group_advantages(batch["rewards"]).to(device), completion_mask)
+    mask = completion_mask.to(policy.dtype)
+    nll = -(policy.detach() * mask).sum() / mask.sum()
+    loss.backward()
+    grads = {
+        name: p.grad.detach().float().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+    model.zero_grad(set_to_none=True)
+    scores = {
+        "loss": loss.item(),
+        "nll": nll.item(),
+        "kl": kl.item(),
+        "rewards": batch["rewards"].tolist(),
+        "completion_tokens": int(batch["completion_mask"].sum()),
+        "adapter_grad_tensors": len(grads),
+        "adapter_grad_norm": float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))),
+    }
+    return scores, grads
 
 
 # --------------------------------------------------------------------------------------
@@ -614,26 +751,34 @@ def run(args: argparse.Namespace) -> int:
         count_trainable_parameters,
         framework_of,
         load_base_model,
+        load_info,
     )
 
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        sys.path.insert(0, str(EXAMPLES))
-        from tiny_qwen import build_tiny_qwen
-
-        checkpoint = build_tiny_qwen(out / "tiny-qwen3")
+    checkpoint = args.checkpoint or build_checkpoint(out / f"checkpoint-{args.shape}", args.shape)
     config = json.loads(json.dumps(CONFIG))
     config["model"]["name"] = str(checkpoint)
     config["model"]["use_unsloth"] = args.framework == "unsloth"  # the one flag
-    config["model"]["load_in_4bit"] = torch.cuda.is_available()
+    precision = args.precision
+    if precision == "auto":
+        precision = "qlora" if torch.cuda.is_available() else "fp32"
+    config["model"]["load_in_4bit"] = precision == "qlora"
+    config["model"]["dtype"] = {"bf16": "bfloat16", "fp32": "float32"}.get(precision, "auto")
     try:
         model, tokenizer = load_base_model(config)
-    except (ConfigError, UnslothUnavailableError) as exc:
+    except (ConfigError, UnslothUnavailableError, RuntimeError) as exc:
         print(f"grpo_trl.py: {exc}", file=sys.stderr)
         return 2
     model = attach_lora(model, config)
+    info = load_info(model)
+    bound_dtype = BOUND_DTYPE.get(info.dtype if info else "", "bf16")
+    first_step, first_step_grads = score_first_step(model, tokenizer)
+    torch.save(first_step_grads, out / FIRST_STEP_GRADS)
+    print(
+        f"first-step batch: GRPO loss {first_step['loss']:.6g}, NLL {first_step['nll']:.6g}, "
+        f"adapter gradient norm {first_step['adapter_grad_norm']:.6g} over {first_step['adapter_grad_tensors']} tensors"
+    )
     meter = PeakMemory()
     torch.manual_seed(SEED)
     kernel = None
@@ -659,6 +804,9 @@ def run(args: argparse.Namespace) -> int:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": unsloth_qwen_compat.status()["environment"]["versions"],
         "checkpoint": str(checkpoint),
+        "shape": args.shape if args.checkpoint is None else None,
+        "precision": precision,
+        "bound_dtype": bound_dtype,
         "config": config,
         "grpo": {
             "prompts_per_step": PROMPTS_PER_STEP,
@@ -673,6 +821,7 @@ def run(args: argparse.Namespace) -> int:
         "peak_tolerance": PEAK_TOLERANCE,
         "steps": records,
         "first_step_completion_ids": trained["first_step_completion_ids"],
+        "first_step": first_step,
         "checks": checks,
         "passed": passed,
     }
@@ -680,6 +829,20 @@ def run(args: argparse.Namespace) -> int:
     _print_checks(checks)
     print(f"results: {out / 'grpo.json'}")
     return 0 if passed else 1
+
+
+def build_checkpoint(directory: Path, shape: str) -> Path:
+    """A random Qwen3 of ``shape`` (:data:`SHAPES`) with the example's tokenizer, in
+    ``directory``; the large shape is built in bf16 on the GPU when there is one."""
+    import torch
+
+    sys.path.insert(0, str(EXAMPLES))
+    from tiny_qwen import build_tiny_qwen
+
+    if shape == "tiny":
+        return build_tiny_qwen(directory)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_tiny_qwen(directory, **SHAPES[shape], device=device, dtype="bfloat16")
 
 
 def _describe_step(record: dict[str, Any], kind: str) -> str:
@@ -706,8 +869,36 @@ def _print_checks(checks: list[dict[str, Any]]) -> None:
 # --compare-paths
 
 
-def path_comparison(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """--compare-paths' verdict from each path's grpo.json (``results``: framework -> its JSON)."""
+def _bounds(dtype: str) -> dict[str, float]:
+    """The conformance suite's bounds for ``dtype`` (its one table of them)."""
+    sys.path.insert(0, str(REPO))
+    from conformance.tolerances import BOUNDS
+
+    return BOUNDS[dtype]
+
+
+def _rel(candidate: float, reference: float) -> float:
+    return (
+        abs(candidate - reference) / abs(reference)
+        if reference
+        else (0.0 if candidate == reference else math.inf)
+    )
+
+
+def _tensor_rel(candidate: Any, reference: Any) -> float:
+    import torch
+
+    denominator = torch.linalg.vector_norm(reference.double()).item()
+    numerator = torch.linalg.vector_norm(candidate.double() - reference.double()).item()
+    return numerator / denominator if denominator else (0.0 if numerator == 0 else math.inf)
+
+
+def path_comparison(
+    results: dict[str, dict[str, Any]], grads: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """--compare-paths' verdict from each path's grpo.json (``results``: framework -> its JSON)
+    and first-step adapter gradients (``grads``: framework -> name -> tensor)."""
+    grads = grads or {}
     checks = [
         {
             "name": f"{framework} run passed its own checks",
@@ -715,22 +906,48 @@ def path_comparison(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
         for framework in ("hf", "unsloth")
     ]
-    first = {
-        framework: result["steps"][0].get("loss") for framework, result in results.items() if result["steps"]
-    }
-    if len(first) == 2 and None not in first.values():
-        hf, unsloth = first["hf"], first["unsloth"]
-        bound = LOSS_ATOL + LOSS_RTOL * max(abs(hf), abs(unsloth))
+    scores = {f: r.get("first_step") for f, r in results.items() if r.get("first_step")}
+    dtypes = {r.get("bound_dtype") for r in results.values()}
+    if len(scores) == 2 and len(dtypes) == 1:
+        (dtype,) = dtypes
+        bounds = _bounds(dtype)
+        hf, unsloth = scores["hf"], scores["unsloth"]
+        for key, what in (("loss", "GRPO loss"), ("nll", "reply tokens' mean negative log-likelihood")):
+            error = _rel(unsloth[key], hf[key])
+            checks.append(
+                {
+                    "name": f"first-step {what} on the shared batch agrees (lora_loss_rel, {dtype})",
+                    "passed": error <= bounds["lora_loss_rel"],
+                    "detail": f"hf {hf[key]:.6g}, unsloth {unsloth[key]:.6g}, rel {error:.2e} "
+                    f"(bound {bounds['lora_loss_rel']:.0e})",
+                }
+            )
+        name = f"first-step adapter gradients on the shared batch agree (lora_grad_rel, {dtype})"
+        if set(grads) == {"hf", "unsloth"} and grads["hf"] and set(grads["hf"]) == set(grads["unsloth"]):
+            errors = {key: _tensor_rel(grads["unsloth"][key], grads["hf"][key]) for key in grads["hf"]}
+            worst = max(errors, key=errors.__getitem__)
+            checks.append(
+                {
+                    "name": name,
+                    "passed": errors[worst] <= bounds["lora_grad_rel"],
+                    "detail": f"{len(errors)} tensors, worst rel {errors[worst]:.2e} ({worst}; bound "
+                    f"{bounds['lora_grad_rel']:.0e})",
+                }
+            )
+        else:
+            found = {f: len(g) for f, g in grads.items()}
+            only = sorted(set(grads.get("hf", {})) ^ set(grads.get("unsloth", {})))[:4]
+            checks.append(
+                {"name": name, "passed": False, "detail": f"tensors per path {found}; in one only: {only}"}
+            )
+    else:
         checks.append(
             {
-                "name": "first-step losses agree",
-                "passed": abs(hf - unsloth) <= bound,
-                "detail": f"hf {hf:.6f}, unsloth {unsloth:.6f}, difference {abs(hf - unsloth):.2e} "
-                f"(allowed {bound:.2e})",
+                "name": "first-step scores on the shared batch agree",
+                "passed": False,
+                "detail": f"scores from {sorted(scores)}, dtypes {sorted(map(str, dtypes))}",
             }
         )
-    else:
-        checks.append({"name": "first-step losses agree", "passed": False, "detail": f"missing: {first}"})
     for check in checks:
         check.setdefault("detail", "")
     passed = all(check["passed"] for check in checks)
@@ -738,22 +955,25 @@ def path_comparison(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "compare_paths": True,
         "checks": checks,
         "passed": passed,
-        "first_step_loss": first,
-        "first_step_reward": {f: r["steps"][0].get("reward") for f, r in results.items() if r["steps"]},
+        "first_step": scores,
+        # The losses each run logged at step 1, on its own sampled replies: not compared
+        # (see the module's docstring), kept for the record.
+        "first_step_logged_loss": {
+            f: r["steps"][0].get("loss") for f, r in results.items() if r.get("steps")
+        },
         "first_step_replies_identical": (
             results["hf"]["first_step_completion_ids"] == results["unsloth"]["first_step_completion_ids"]
             if len(results) == 2
             else None
         ),
-        "paths": {f: {"trainer": r["trainer"], "steps": r["steps"]} for f, r in results.items()},
+        "paths": {f: {"trainer": r.get("trainer"), "steps": r.get("steps")} for f, r in results.items()},
     }
 
 
 def compare_paths(args: argparse.Namespace) -> int:
-    """Both paths in their own process on one checkpoint; their first-step losses compared.
+    """Both paths at once, each in its own process, on one checkpoint; compared.
 
-    Not run on a GPU yet: written for one, and refused without CUDA (Unsloth cannot train
-    on CPU).
+    Refused without CUDA (Unsloth cannot train on CPU).
     """
     import torch
 
@@ -763,59 +983,57 @@ def compare_paths(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    sys.path.insert(0, str(EXAMPLES))
-    from tiny_qwen import build_tiny_qwen
-
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or build_tiny_qwen(out / "tiny-qwen3")
+    checkpoint = args.checkpoint or build_checkpoint(out / f"checkpoint-{args.shape}", args.shape)
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environment.get("PYTHONPATH")) if p)
-    results: dict[str, dict[str, Any]] = {}
+    running = {}
     for framework in ("hf", "unsloth"):
         directory = out / framework
         directory.mkdir(exist_ok=True)
-        log = out / f"{framework}.log"
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
-            "--framework",
-            framework,
-            "--loop",
-            args.loop,
-            "--steps",
-            str(args.steps),
-            "--checkpoint",
-            str(checkpoint),
-            "--out",
-            str(directory),
-        ]
-        with log.open("w") as handle:
-            # Unsloth writes unsloth_compiled_cache/ into the working directory.
-            done = subprocess.run(
-                command, cwd=directory, env=environment, stdout=handle, stderr=subprocess.STDOUT
-            )
-        print(f"{framework}: exit {done.returncode}, log {log}")
+            "--framework", framework,
+            "--loop", args.loop,
+            "--steps", str(args.steps),
+            "--precision", args.precision,
+            "--checkpoint", str(checkpoint),
+            "--out", str(directory),
+        ]  # fmt: skip
+        log = (out / f"{framework}.log").open("w")
+        # Unsloth writes unsloth_compiled_cache/ into the working directory.
+        running[framework] = (
+            subprocess.Popen(command, cwd=directory, env=environment, stdout=log, stderr=subprocess.STDOUT),
+            log,
+        )
+    results: dict[str, dict[str, Any]] = {}
+    grads: dict[str, dict[str, Any]] = {}
+    for framework, (process, log) in running.items():
+        code = process.wait()
+        log.close()
+        directory = out / framework
+        print(f"{framework}: exit {code}, log {log.name}")
         if (directory / "grpo.json").exists():
             results[framework] = json.loads((directory / "grpo.json").read_text())
-        if done.returncode != 0:
-            print("".join(log.read_text().splitlines(keepends=True)[-30:]))
-    summary = path_comparison(results)
+        if (directory / FIRST_STEP_GRADS).exists():
+            grads[framework] = torch.load(directory / FIRST_STEP_GRADS)
+        if code != 0:
+            print("".join(Path(log.name).read_text().splitlines(keepends=True)[-30:]))
+    summary = path_comparison(results, grads)
     summary["loop"] = args.loop
-    checks, passed = summary["checks"], summary["passed"]
     (out / "grpo.json").write_text(json.dumps(summary, indent=2))
-    _print_checks(checks)
+    _print_checks(summary["checks"])
     print(f"results: {out / 'grpo.json'}")
-    return 0 if passed else 1
+    return 0 if summary["passed"] else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--out", type=Path, required=True, help="directory for grpo.json (and the tiny checkpoint)"
-    )
+    parser.add_argument("--out", type=Path, help="directory for grpo.json (and the tiny checkpoint)")
     parser.add_argument("--framework", choices=("hf", "unsloth"), default="hf", help="the loader's path")
     parser.add_argument(
         "--loop", choices=("trl", "custom"), default="trl", help="TRL's GRPOTrainer or by hand"
@@ -827,9 +1045,26 @@ def main() -> int:
         "--checkpoint", type=Path, help="a Qwen checkpoint directory (default: build a tiny one)"
     )
     parser.add_argument(
-        "--compare-paths", action="store_true", help="run both paths and compare first-step losses (CUDA)"
+        "--shape", choices=tuple(SHAPES), default="tiny", help="the checkpoint built without --checkpoint"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32", "qlora"),
+        default="auto",
+        help="auto: qlora on a GPU, fp32 on the CPU",
+    )
+    parser.add_argument(
+        "--compare-paths", action="store_true", help="run both paths at once and compare them (CUDA)"
+    )
+    parser.add_argument(
+        "--make-checkpoint", type=Path, metavar="DIR", help="build --shape's checkpoint in DIR and stop"
     )
     args = parser.parse_args()
+    if args.make_checkpoint:
+        print(build_checkpoint(args.make_checkpoint.resolve(), args.shape))
+        return 0
+    if args.out is None:
+        parser.error("--out is required (or --make-checkpoint DIR)")
     if args.steps < 3:
         parser.error("--steps must be at least 3 (the memory check compares later steps with step 2)")
     return compare_paths(args) if args.compare_paths else run(args)

@@ -70,8 +70,15 @@ def build_tiny_qwen(
     head_dim: int = 16,
     intermediate_size: int = 128,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> Path:
-    """Write a random Qwen3 model and its tokenizer to ``directory`` (``save_pretrained``); return it."""
+    """Write a random Qwen3 model and its tokenizer to ``directory`` (``save_pretrained``); return it.
+
+    The defaults build a tiny model in float32 on the CPU; ``device="cuda"`` and
+    ``dtype="bfloat16"`` build a large one (Qwen3-1.7B's layers, say) in seconds.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -87,13 +94,16 @@ def build_tiny_qwen(
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None,  # Qwen tokenizers add no BOS
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     model.save_pretrained(directory)

@@ -3,7 +3,8 @@ on the HF path for 5 steps on a tiny random Qwen3, and the example's checks and 
 log-prob stand-in on their own.
 
 The runs are child processes (the example hides Unsloth from its HF run, which this
-process cannot undo). The Unsloth path and ``--compare-paths`` need a CUDA GPU.
+process cannot undo). The Unsloth path and ``--compare-paths`` need a CUDA GPU; the
+comparison's verdict is checked here on real CPU outputs and made-up ones.
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ def test_both_loops_train_on_the_hf_path_and_pass_their_checks(loop: str, tmp_pa
     # The adapter starts at zero: the policy is the reference at step 1, and drifts after.
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert steps[-1]["kl"] > 0
+
+    # The first-step batch, scored before training: the same on both loops (same seed).
+    first = result["first_step"]
+    assert result["bound_dtype"] == "fp32" and result["precision"] == "fp32"
+    assert (
+        first["completion_tokens"]
+        == sum(grpo.MAX_NEW_TOKENS * (i + 1) // grpo.NUM_GENERATIONS for i in range(grpo.NUM_GENERATIONS))
+        * grpo.PROMPTS_PER_STEP
+    )  # replies of 4 lengths per group
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6) and first["nll"] > 0 and first["adapter_grad_norm"] > 0
+    grads = torch.load(tmp_path / grpo.FIRST_STEP_GRADS)
+    assert (
+        len(grads) == first["adapter_grad_tensors"] == 2 * 2 * 7
+    )  # lora_A and lora_B, 7 projections, 2 layers
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_B" in name)
+    _compare_with_itself(result, grads)
 
     checks = {check["name"]: check["passed"] for check in result["checks"]}
     assert len(checks) == 4, checks
@@ -203,37 +220,103 @@ def test_stand_in_keeps_unsloths_cpu_routing(monkeypatch: pytest.MonkeyPatch) ->
 # --compare-paths' verdict (its runs need a CUDA GPU; the comparison itself does not)
 
 
-def _path_result(loss: float, replies: list[list[int]], passed: bool = True) -> dict:
+def _compare_with_itself(result: dict, grads: dict) -> None:
+    """A real run's outputs against themselves pass; a defect the size of a wrong LoRA
+    scale in one gradient tensor, or a 1% log-likelihood shift, fails (fp32 bounds)."""
+    same = grpo.path_comparison({"hf": result, "unsloth": result}, {"hf": grads, "unsloth": grads})
+    assert same["passed"], same["checks"]
+    assert same["first_step_replies_identical"] is True
+    name = next(n for n, g in grads.items() if "lora_B" in n and g.abs().sum() > 0)
+    scaled = {**grads, name: grads[name] * 2}
+    worse = grpo.path_comparison({"hf": result, "unsloth": result}, {"hf": grads, "unsloth": scaled})
+    assert [c["passed"] for c in worse["checks"]] == [True, True, True, True, False]
+    assert name in worse["checks"][-1]["detail"]
+    shifted = {**result, "first_step": {**result["first_step"], "nll": result["first_step"]["nll"] * 1.01}}
+    nll = grpo.path_comparison({"hf": result, "unsloth": shifted}, {"hf": grads, "unsloth": grads})
+    assert [c["passed"] for c in nll["checks"]] == [True, True, True, False, True]
+
+
+def _path_result(nll: float, replies: list[list[int]], passed: bool = True, dtype: str = "bf16") -> dict:
     return {
         "passed": passed,
         "trainer": "t",
-        "steps": [{"step": 1, "loss": loss, "reward": 0.5}],
+        "bound_dtype": dtype,
+        "steps": [{"step": 1, "loss": 0.0, "reward": 0.5}],
+        "first_step": {"loss": -0.36, "nll": nll},
         "first_step_completion_ids": replies,
     }
 
 
+def _grads(scale: float = 1.0) -> dict:
+    return {"lora_B": torch.tensor([1.0, 2.0, 3.0]) * scale, "lora_A": torch.zeros(3)}
+
+
 @pytest.mark.parametrize(
-    ("hf_loss", "unsloth_loss", "expected"),
+    ("hf_nll", "unsloth_nll", "grad_scale", "expected"),
     [
-        (0.0, 0.0005, True),  # about 0 on both: the absolute part of the bound
-        (-0.20, -0.203, True),  # 1.5% apart
-        (-0.20, -0.25, False),
+        (6.0, 6.05, 1.0, True),  # 0.8% apart: within bf16's lora_loss_rel (1e-2)
+        (6.0, 6.10, 1.0, False),  # 1.7% apart
+        (6.0, 6.0, 1.15, True),  # gradients 15% apart: within bf16's lora_grad_rel (0.2)
+        (6.0, 6.0, 2.0, False),  # a wrong LoRA scale
     ],
 )
-def test_path_comparison_bounds_the_first_step_losses(
-    hf_loss: float, unsloth_loss: float, expected: bool
+def test_path_comparison_bounds_the_first_step_scores_by_the_suites_table(
+    hf_nll: float, unsloth_nll: float, grad_scale: float, expected: bool
 ) -> None:
     summary = grpo.path_comparison(
-        {"hf": _path_result(hf_loss, [[1, 2]]), "unsloth": _path_result(unsloth_loss, [[1, 3]])}
+        {"hf": _path_result(hf_nll, [[1, 2]]), "unsloth": _path_result(unsloth_nll, [[1, 3]])},
+        {"hf": _grads(), "unsloth": _grads(grad_scale)},
     )
-    assert summary["passed"] is expected
+    assert summary["passed"] is expected, summary["checks"]
     assert summary["first_step_replies_identical"] is False
+    assert all("bf16" in c["name"] for c in summary["checks"][2:])
 
 
-def test_path_comparison_fails_when_a_path_failed_or_is_missing() -> None:
-    failed = grpo.path_comparison(
-        {"hf": _path_result(0.1, [[1]]), "unsloth": _path_result(0.1, [[1]], passed=False)}
-    )
+def test_path_comparison_fails_when_a_path_failed_is_missing_or_scored_in_another_dtype() -> None:
+    def compare(hf: dict, unsloth: dict | None, grads: dict | None = None) -> dict:
+        results = {"hf": hf} if unsloth is None else {"hf": hf, "unsloth": unsloth}
+        return grpo.path_comparison(results, grads or {"hf": _grads(), "unsloth": _grads()})
+
+    failed = compare(_path_result(6.0, [[1]]), _path_result(6.0, [[1]], passed=False))
     assert failed["passed"] is False and failed["first_step_replies_identical"] is True
-    missing = grpo.path_comparison({"hf": _path_result(0.1, [[1]])})
+    missing = compare(_path_result(6.0, [[1]]), None)
     assert missing["passed"] is False and missing["first_step_replies_identical"] is None
+    other_dtype = compare(_path_result(6.0, [[1]]), _path_result(6.0, [[1]], dtype="fp32"))
+    assert other_dtype["passed"] is False
+    renamed = compare(
+        _path_result(6.0, [[1]]),
+        _path_result(6.0, [[1]]),
+        {"hf": _grads(), "unsloth": {"other": torch.ones(3)}},
+    )
+    assert renamed["passed"] is False and "in one only" in renamed["checks"][-1]["detail"]
+
+
+def test_the_qwen3_1_7b_shape_is_the_benchs_published_one_and_builds_tied_in_bf16(tmp_path) -> None:
+    from unsloth_qwen_compat.bench import SHAPES
+
+    published = SHAPES["qwen3-1.7b"]
+    shape = grpo.SHAPES["qwen3-1.7b"]
+    assert (
+        shape["layers"], shape["hidden_size"], shape["heads"], shape["kv_heads"], shape["head_dim"],
+        shape["intermediate_size"], shape["tie_word_embeddings"],
+    ) == (
+        published.num_hidden_layers, published.hidden_size, published.num_attention_heads,
+        published.num_key_value_heads, published.head_dim, published.intermediate_size,
+        published.tie_word_embeddings,
+    )  # fmt: skip
+    # The same builder, at the tiny size: tied embeddings, bf16 weights.
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from tiny_qwen import build_tiny_qwen
+
+    directory = build_tiny_qwen(tmp_path / "c", tie_word_embeddings=True, dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
