@@ -54,3 +54,80 @@ def test_regex_strings_and_none_pass_through() -> None:
 def test_unknown_model_type_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="covers qwen2, qwen3, qwen3_moe"):
         default_targets("llama")
+
+
+# -- the probe: what upstream's get_peft_model does with a typo, on stand-ins (no Unsloth) ----
+
+
+def _stand_in_llama(get_peft_model):
+    """A stand-in for unsloth.models.llama: the names the probe runs and swaps, nothing else."""
+    from types import ModuleType
+
+    module = ModuleType("stand_in_llama")
+
+    class FastLlamaModel:
+        pass
+
+    FastLlamaModel.get_peft_model = staticmethod(get_peft_model)
+    module.FastLlamaModel = FastLlamaModel
+    module.LoraConfig = "stock LoraConfig"
+    module.transformers_set_seed = "stock set_seed"
+    return module
+
+
+def _stock_like(model, r=16, target_modules=None, use_gradient_checkpointing="unsloth", **kwargs):
+    import sys
+
+    llama = sys.modules["stand_in_llama_current"]
+    llama.transformers_set_seed(3407)
+    print("Unsloth: You added custom modules, but Unsloth hasn't optimized for this.")
+    return llama.LoraConfig(r=r, target_modules=list(target_modules))
+
+
+def _fixed_like(model, r=16, target_modules=None, use_gradient_checkpointing="unsloth", **kwargs):
+    from unsloth_qwen_compat.lora_targets import check_target_modules
+
+    check_target_modules(model, target_modules)  # raises naming the typo
+    raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize(
+    ("function", "outcome"),
+    [(_stock_like, "accepted"), (_fixed_like, "rejected"), (lambda model, **kwargs: model, "unclear")],
+)
+def test_probe_runs_upstream_up_to_peft_and_restores_everything(
+    function, outcome, monkeypatch, capsys
+) -> None:
+    import os
+    import sys
+
+    from unsloth_qwen_compat.patches.lora_target_maps import TYPO, typo_outcome
+
+    llama = _stand_in_llama(function)
+    monkeypatch.setitem(sys.modules, "stand_in_llama_current", llama)
+    monkeypatch.setenv("UNSLOTH_USE_NEW_MODEL", "1")  # the last load's flag: held at 0 for the run
+    seen = []
+    llama.FastLlamaModel.get_peft_model = staticmethod(
+        lambda *a, **k: (seen.append(os.environ["UNSLOTH_USE_NEW_MODEL"]), function(*a, **k))[1]
+    )
+    got, detail = typo_outcome(llama)
+    assert got == outcome, detail
+    assert seen == ["0"] and os.environ["UNSLOTH_USE_NEW_MODEL"] == "1"
+    assert (llama.LoraConfig, llama.transformers_set_seed) == ("stock LoraConfig", "stock set_seed")
+    assert capsys.readouterr().out == ""  # upstream's notice does not reach the caller's stdout
+    if outcome == "rejected":
+        assert TYPO in detail
+
+
+def test_probe_verdicts_from_the_run_and_the_fallback(monkeypatch) -> None:
+    from unsloth_qwen_compat.patches import lora_target_maps
+
+    patch = lora_target_maps.LoraTargetMaps()
+    llama = _stand_in_llama(_fixed_like)
+    for outcome, verdict in [("accepted", "needed"), ("rejected", "native"), ("unclear", "unsupported")]:
+        monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _llama, o=outcome: (o, "why"))
+        assert patch.probe(llama, None).verdict.value == verdict
+    # An inconclusive run on code that still prints the old notice: needed, read from the code.
+    monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _llama: ("unclear", "why"))
+    result = patch.probe(_stand_in_llama(_stock_like), None)
+    assert result.verdict.value == "needed" and "read from its code" in result.reason

@@ -117,6 +117,68 @@ def test_a_gate_without_bias_clauses_reads_as_native() -> None:
     assert read_stock_gate(None, {}, source=source).bias_clauses == 0
 
 
+def _stand_in_peft_forward(self, X):  # what a fused path that adds the biases computes
+    return self.q_proj(X), self.k_proj(X), self.v_proj(X)
+
+
+def _stand_in_bias_dropped(self, X):  # a fused path that leaves the base biases out
+    return tuple(
+        getattr(self, n)(X) - getattr(self, n).base_layer.bias for n in ("q_proj", "k_proj", "v_proj")
+    )
+
+
+def test_the_bias_check_runs_the_fused_path_on_biased_qkv() -> None:
+    pytest.importorskip("peft")
+    from unsloth_qwen_compat.patches.qwen2_fused_qkv_bias import _BIAS_CHECK_TOLERANCE, fused_qkv_bias_error
+
+    assert fused_qkv_bias_error(_stand_in_peft_forward) == 0.0
+    assert fused_qkv_bias_error(_stand_in_bias_dropped) > 100 * _BIAS_CHECK_TOLERANCE
+
+
+def _gate_free_llama(apply_lora_qkv):
+    """A stand-in unsloth.models.llama whose patch_peft_model fuses q/k/v whatever their bias."""
+    from types import ModuleType
+
+    source = STAND_IN_2025
+    for name in ("q_proj", "k_proj", "v_proj"):
+        source = source.replace(f'(getattr({name}, "base_layer", {name}).bias is None) and', "")
+    namespace: dict = {}
+    exec(compile(source, "<stand-in patch_peft_model>", "exec"), namespace)  # noqa: S102
+    module = ModuleType("stand_in_llama")
+
+    class FastLlamaModel:
+        patch_peft_model = staticmethod(namespace["patch_peft_model"])
+
+    module.FastLlamaModel, module.apply_lora_qkv = FastLlamaModel, apply_lora_qkv
+    module.LlamaAttention_fast_forward = None  # read by the layout checks, which the test stubs
+    return module, source
+
+
+@pytest.mark.parametrize(
+    ("apply_lora_qkv", "verdict"), [(_stand_in_peft_forward, "native"), (_stand_in_bias_dropped, "needed")]
+)
+def test_a_gate_without_bias_clauses_is_native_only_if_the_biases_are_added(
+    apply_lora_qkv, verdict, monkeypatch
+) -> None:
+    pytest.importorskip("peft")
+    from unsloth_qwen_compat.patches import qwen2_fused_qkv_bias as patch_module
+
+    llama, source = _gate_free_llama(apply_lora_qkv)
+    # The probe's layout checks (Unsloth's kernel, attention forward, Qwen2's pre_patch) pass here:
+    # this test is about its last two steps, the gate and the bias check.
+    monkeypatch.setattr(patch_module, "_missing", lambda *_: [])
+    monkeypatch.setattr(patch_module, "_kernel_layout_problem", lambda _: "")
+    monkeypatch.setattr(patch_module, "_calls", lambda *_: True)
+    qwen2 = SimpleNamespace(FastQwen2Model=SimpleNamespace(pre_patch=lambda: None))
+    monkeypatch.setattr(patch_module, "import_unsloth", lambda *_: qwen2)
+    monkeypatch.setattr(patch_module, "code_mentions", lambda *_, **__: True)
+    monkeypatch.setattr(patch_module, "_stock_gate", lambda f: read_stock_gate(None, {}, source=source))
+    result = patch_module.Qwen2FusedQkvBias().probe(llama, None)
+    assert result.verdict.value == verdict, result.reason
+    if verdict == "needed":
+        assert not result.fixable and "biases are dropped" in result.reason
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

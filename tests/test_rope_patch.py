@@ -415,9 +415,18 @@ def test_probe_grid_finds_nothing_in_an_upstream_that_follows_the_contract() -> 
             raise UnsupportedRopeScalingError(plan.reason)
         return plan.scaling, plan.rope_type
 
-    assert upstream_rope_defects(fixed_upstream, None) == [
-        # The grid probes inside max_position_embeddings too, where _extended_rope_scaling is
-        # never asked: a length-dependent type there is trained with one table.
+    # It answers inside max_position_embeddings too (plain RoPE kept at factor < 1), so the grid
+    # takes its answers there, where longrope past its original window is refused.
+    assert upstream_rope_defects(fixed_upstream, None) == []
+
+    def fixed_past_the_window_only(config, factor):  # stock's habit inside: an extension at any factor
+        if factor <= 1:
+            return {"type": "linear", "factor": factor, "rope_theta": rope_theta_of(config)}, "default"
+        return fixed_upstream(config, factor)
+
+    assert upstream_rope_defects(fixed_past_the_window_only, None) == [
+        # Then from_pretrained never asks it inside the window, where a length-dependent type
+        # is trained with one table.
         "longrope: one table past 32 tokens, not refused"
     ]
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from types import CodeType, ModuleType
 from typing import Any
 
-from .._env import Environment, switch, unsloth_switch
+from .._env import Environment, unsloth_switch
 from .._registry import (
     Action,
     AttributeSwaps,
@@ -537,6 +537,41 @@ def _missing(llama: ModuleType, names: Iterable[str]) -> list[str]:
     return [n for n in names if n not in vars(llama)]
 
 
+#: fp32 on a CPU, PEFT's forward vs the fused kernel: rounding is ~1e-7; a dropped bias is ~1.
+_BIAS_CHECK_TOLERANCE = 1e-4
+
+
+def fused_qkv_bias_error(apply_lora_qkv: Callable[..., Any]) -> float:
+    """Largest relative difference between ``apply_lora_qkv`` and PEFT's own q/k/v forward on a
+    tiny stand-in attention (fp32, CPU) whose q/k/v carry a bias and a LoRA adapter with a
+    non-zero B: the same numbers when the fused path adds the biases, off by the bias when not."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class StandInAttention(torch.nn.Module):  # what apply_lora_qkv reads: q_proj, k_proj, v_proj
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(32, 32, bias=True)
+            self.k_proj = torch.nn.Linear(32, 16, bias=True)
+            self.v_proj = torch.nn.Linear(32, 16, bias=True)
+
+    with torch.random.fork_rng(devices=[]):  # the caller's generator must not move
+        torch.manual_seed(0)
+        attention = inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(_PROJECTIONS)),
+            StandInAttention(),
+        )
+        for name, parameter in attention.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)  # PEFT starts B at zero
+        X = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        fused = apply_lora_qkv(attention, X.clone())
+        reference = (attention.q_proj(X), attention.k_proj(X), attention.v_proj(X))
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(fused, reference))
+
+
 class Qwen2FusedQkvBias(Patch):
     name = "qwen2_fused_qkv_bias"
     summary = "fused LoRA QKV kernel for Qwen2's biased q/k/v (speed)"
@@ -589,20 +624,28 @@ print(sum(getattr(l.self_attn, "apply_qkv", None) is apply_lora_qkv for l in lay
         pre_patch = getattr(getattr(qwen2, "FastQwen2Model", None), "pre_patch", None)
         if pre_patch is None or not code_mentions(pre_patch, names=("LlamaAttention_fast_forward",)):
             return unsupported("Qwen2 attention no longer runs Unsloth's LlamaAttention_fast_forward")
-        if not code_mentions(stock, names=("apply_lora_qkv", "bias")):
-            return native("patch_peft_model installs apply_lora_qkv without looking at any bias")
-        if not switch(self.opt_in_env or ""):
-            # Reading the gate exactly (source + AST, far slower than reading code objects)
-            # is left to those who apply the patch: import time is paid by every user, and
-            # this patch is opt-in.
-            return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
+        # Stock's gate itself, read from its source (about 15 ms on a CPU, once per process).
         try:
             gate = _stock_gate(stock)
         except (GateLayoutError, SyntaxError) as exc:
             return unsupported(f"cannot mirror patch_peft_model's fused-QKV gate: {exc}")
-        if gate.bias_clauses == 0:
-            return native("the fused LoRA QKV path no longer requires bias-free q/k/v")
-        return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
+        if gate.bias_clauses:
+            return needed("fused LoRA QKV is gated on q/k/v having no bias, so Qwen2 never gets it")
+        # Upstream fuses biased q/k/v: its apply_lora_qkv must add the biases. Run it and see.
+        try:
+            error = fused_qkv_bias_error(llama.apply_lora_qkv)
+        except Exception as exc:  # the stand-in does not fit this release: the gate is all we know
+            return native(
+                "the fused LoRA QKV path no longer requires bias-free q/k/v "
+                f"(apply_lora_qkv not run on biased q/k/v here: {type(exc).__name__}: {exc})"
+            )
+        if error > _BIAS_CHECK_TOLERANCE:
+            return needed(
+                "patch_peft_model fuses biased q/k/v, but apply_lora_qkv's outputs differ from PEFT's "
+                f"by {error:.3g} (relative) on biased q/k/v: the biases are dropped",
+                fixable=False,
+            )
+        return native("patch_peft_model fuses biased q/k/v and apply_lora_qkv adds their biases")
 
     def install(self, swaps: AttributeSwaps, llama: ModuleType, env: Environment) -> None:
         if getattr(llama.FastLlamaModel.patch_peft_model, _SHIM_OWNED, None) == _PATCH_NAME:

@@ -309,11 +309,33 @@ def probe_windows(config: Any) -> list[int]:
     return out
 
 
+def answers_inside_window(extend: Callable[..., Any]) -> bool:
+    """Whether ``_extended_rope_scaling`` also answers for lengths inside max_position_embeddings
+    (factor < 1), keeping a plain config as it is there: the sign of a from_pretrained that asks
+    it at every length, so that a RoPE which changes with the length can be refused inside the
+    window too. Stock's answer is an extension whatever the factor (linear x factor), and its
+    from_pretrained asks only past the window: there, the checkpoint's RoPE is used as it is."""
+    config = next(probe_configs())  # plain RoPE
+    try:
+        scaling, _ = extend(config, 0.5)
+    except Exception:
+        return False
+    if scaling is None:
+        return True
+    kept = with_rope(config, scaling, config.max_position_embeddings)
+    return rope_type_of(kept) == "default" and same_tables(rope_tables(kept), rope_tables(config))
+
+
 def upstream_rope_defects(
     extend: Callable[..., Any], inv_freq_from_config: Callable[..., Any] | None
 ) -> list[str]:
-    """What the installed 2026-style code gets wrong on the probe grid, one line per type."""
+    """What the installed 2026-style code gets wrong on the probe grid, one line per type.
+
+    Past max_position_embeddings the grid takes ``extend``'s answer; inside it, the checkpoint's
+    own RoPE, unless ``extend`` answers there too (:func:`answers_inside_window`).
+    """
     defects: dict[str, str] = {}
+    inside_too = answers_inside_window(extend)
     for config in probe_configs():
         kind = rope_type_of(config)
         window = config.max_position_embeddings
@@ -331,7 +353,7 @@ def upstream_rope_defects(
         for max_seq_length in probe_windows(config):
             plan = plan_rope(config, max_seq_length)
             try:
-                if max_seq_length > window:
+                if max_seq_length > window or inside_too:
                     scaling, _ = extend(config, max_seq_length / window)
                     upstream = rope_scaling_of(config) if scaling is None else dict(scaling)
                 else:
@@ -390,12 +412,6 @@ model, _ = FastLanguageModel.from_pretrained("tiny-qwen3-linear", max_seq_length
             defects = upstream_rope_defects(extend, getattr(llama, "_compute_config_rope_inv_freq", None))
         except Exception as exc:
             return unsupported(f"the RoPE probe grid raised {type(exc).__name__}: {exc}")
-        # One cached table per model: a length-dependent type cannot be followed whatever
-        # _extended_rope_scaling answers (upstream never refuses inside max_position_embeddings).
-        if not _rotary_follows_length(llama) and not any(
-            d.startswith(("dynamic", "longrope")) for d in defects
-        ):
-            defects.append("dynamic / longrope: one table for every length, not refused")
         if defects:
             return needed("RoPE probe grid: " + "; ".join(defects))
         return native("every RoPE type right or refused at every window (probe grid)")
