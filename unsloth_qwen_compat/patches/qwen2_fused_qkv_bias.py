@@ -19,7 +19,9 @@ Which layers qualify is decided by stock's gate itself, not a copy of it: the pr
 evaluates those very conditions (dropout, LoRA bias, fp32 base, FSDP, DoRA, packed and
 MXFP4 bases, ... whatever the installed release checks) with the bias clauses left out.
 A gate that reads something this patch cannot supply makes the probe say ``unsupported``;
-a gate that no longer tests the bias makes it say ``native``.
+a gate that no longer tests the bias makes it say ``native`` once upstream's
+``apply_lora_qkv``, run on a stand-in attention with biased q/k/v, matches PEFT's forward
+(a fused path that drops the biases is ``needed``, and not something this patch can fix).
 
 At run time the kernel runs only in the plain-LoRA state in which every release's
 ``apply_lora_qkv`` calls it with no extras (one active, enabled, unmerged adapter, no LoRA
