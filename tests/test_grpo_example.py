@@ -320,3 +320,31 @@ def test_the_qwen3_1_7b_shape_is_the_benchs_published_one_and_builds_tied_in_bf1
 
     with safe_open(str(directory / "model.safetensors"), "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+
+
+def test_compare_paths_runs_both_paths_at_once_and_records_each(tmp_path) -> None:
+    """The plumbing of --compare-paths on CPU: its check for CUDA is passed once in the
+    parent, so the hf child trains (fp32) and the unsloth child stops at the loader's CUDA
+    check; the summary records both and fails."""
+    code = f"""
+import argparse, importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("grpo_trl", {str(EXAMPLE)!r})
+grpo = importlib.util.module_from_spec(spec); spec.loader.exec_module(grpo)
+answers = iter([True])  # compare_paths' own check only; torch's later ones see the CPU
+torch.cuda.is_available = lambda: next(answers, False)
+args = argparse.Namespace(out={str(tmp_path)!r}, loop="custom", steps=3, precision="fp32",
+                          checkpoint=None, shape="tiny")
+from pathlib import Path
+args.out = Path(args.out)
+sys.exit(grpo.compare_paths(args))
+"""
+    done = run_python(code, timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "grpo.json").read_text())
+    checks = {check["name"]: check["passed"] for check in summary["checks"]}
+    assert checks["hf run passed its own checks"] is True
+    assert checks["unsloth run passed its own checks"] is False
+    assert "no CUDA GPU" in (tmp_path / "unsloth.log").read_text()
+    assert json.loads((tmp_path / "hf" / "grpo.json").read_text())["passed"] is True
+    assert (tmp_path / "hf" / grpo.FIRST_STEP_GRADS).is_file()
+    assert summary["first_step"].keys() == {"hf"} and summary["loop"] == "custom"
