@@ -1,4 +1,10 @@
-"""The candidate: Unsloth's FastLanguageModel path, with the shim applied first.
+"""The candidate: Unsloth through one of its entry points, with the shim applied first.
+
+Unsloth documents two entry points: ``FastLanguageModel`` (text models; it hands every model
+type without a fast path of its own to FastModel's loader) and ``FastModel`` (what its docs
+name for MoE and Qwen3.5 models), whose ``get_peft_model`` / ``for_inference`` /
+``for_training`` are other functions. Every case runs through each (``use_entry_point``, set
+per case by conftest.py's ``entry_point`` fixture).
 
 ``import unsloth_qwen_compat`` must happen before Unsloth builds any model, and Unsloth
 itself wants to be imported before transformers, so conftest.py imports this module
@@ -24,12 +30,33 @@ SHIM_DISABLED = shim is not None and shim._disabled()
 
 import torch  # noqa: E402
 import unsloth  # noqa: E402,F401  (after the shim, before transformers)
-from unsloth import FastLanguageModel  # noqa: E402
+from unsloth import FastLanguageModel, FastModel  # noqa: E402
 
 from conformance import zoo  # noqa: E402
 from conformance.zoo import ModelSpec  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Unsloth's entry points by name, the first the default.
+ENTRY_POINTS = {"FastLanguageModel": FastLanguageModel, "FastModel": FastModel}
+_entry_point = "FastLanguageModel"
+
+
+def use_entry_point(name: str) -> None:
+    """Load, attach LoRA and switch modes through ``name`` (a key of ENTRY_POINTS) from now on."""
+    global _entry_point
+    if name not in ENTRY_POINTS:
+        raise ValueError(f"unknown Unsloth entry point {name!r}; expected one of {', '.join(ENTRY_POINTS)}")
+    _entry_point = name
+
+
+def entry_point_name() -> str:
+    return _entry_point
+
+
+def entry_point():
+    """The Unsloth class the cases go through now."""
+    return ENTRY_POINTS[_entry_point]
 
 
 def mode() -> str:
@@ -75,13 +102,13 @@ def nf4_skip_modules() -> list[str] | None:
 def load(
     spec: ModelSpec, max_seq_length: int, dtype: str, load_in_4bit: bool = False, path: Path | None = None
 ):
-    """FastLanguageModel.from_pretrained on a zoo model (or an adapter directory).
+    """``from_pretrained`` of the entry point on a zoo model (or an adapter directory).
 
     Where the shim refuses the configuration (it cannot be trained right on this Unsloth),
     the case ends as ``refused`` with the shim's message: neither a pass nor a silent skip.
     """
     try:
-        return FastLanguageModel.from_pretrained(
+        return entry_point().from_pretrained(
             model_name=str(path or zoo.model_dir(spec)),
             max_seq_length=max_seq_length,
             dtype=TORCH_DTYPES["bf16" if load_in_4bit else dtype],
@@ -106,7 +133,7 @@ REFUSED = "refused by unsloth_qwen_compat"
 def load_or_refusal(spec: ModelSpec, max_seq_length: int, dtype: str):
     """(model, tokenizer, None), or (None, None, the shim's refusal message)."""
     try:
-        model, tokenizer = FastLanguageModel.from_pretrained(
+        model, tokenizer = entry_point().from_pretrained(
             model_name=str(zoo.model_dir(spec)),
             max_seq_length=max_seq_length,
             dtype=TORCH_DTYPES[dtype],
@@ -181,7 +208,7 @@ def load_adapter_tensors(model, adapter_dir: str) -> int:
 
 
 def attach_lora(model, r: int, alpha: int, targets: list[str]):
-    return FastLanguageModel.get_peft_model(
+    return entry_point().get_peft_model(
         model,
         r=r,
         lora_alpha=alpha,
@@ -194,7 +221,8 @@ def attach_lora(model, r: int, alpha: int, targets: list[str]):
 
 
 class ModelCache:
-    """Candidate models loaded once per (model, max_seq_length, dtype, 4-bit) for read-only cases.
+    """Candidate models loaded once per (entry point, model, max_seq_length, dtype, 4-bit) for
+    read-only cases.
 
     Cases that mutate a model (LoRA, adapters) load their own.
     """
@@ -203,21 +231,21 @@ class ModelCache:
         self._models: dict[tuple, tuple] = {}
 
     def get(self, spec: ModelSpec, max_seq_length: int, dtype: str, load_in_4bit: bool = False):
-        key = (spec.name, max_seq_length, dtype, load_in_4bit)
+        key = (_entry_point, spec.name, max_seq_length, dtype, load_in_4bit)
         if key not in self._models:
             model, tokenizer = load(spec, max_seq_length, dtype, load_in_4bit)
-            FastLanguageModel.for_inference(model)
+            entry_point().for_inference(model)
             self._models[key] = (model, tokenizer)
         return self._models[key]
 
 
 def inference_mode(model):
-    FastLanguageModel.for_inference(model)
+    entry_point().for_inference(model)
     return model
 
 
 def training_mode(model):
-    FastLanguageModel.for_training(model)
+    entry_point().for_training(model)
     return model
 
 

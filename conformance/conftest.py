@@ -5,6 +5,8 @@ Environment:
   leg runs with bf16; the tolerance table has a row per dtype.
 - ``CONFORMANCE_CACHE``: where the zoo and oracle results live (default: ``zoo.cache_root()``).
 - ``UNSLOTH_QWEN_COMPAT_DISABLE=1``: measure stock Unsloth (the shim does nothing).
+- ``CONFORMANCE_ENTRY_POINTS``: the Unsloth entry points every case runs through, comma
+  separated (default ``FastLanguageModel,FastModel``: each case twice, its id ending in the name).
 
 The device is the GPU when there is one. Without one, Unsloth falls back to running stock
 transformers on the CPU: the cases then exercise the suite's own mechanics, not Unsloth's
@@ -46,6 +48,22 @@ FAMILIES = {
     "fast_path": "Qwen2 / Qwen3 load onto Unsloth's fast Llama kernels, not its generic path",
 }
 
+#: A case about FastLanguageModel's fast Llama-kernel path: FastModel loads every model on the
+#: generic path, so there such a case is skipped (saying so), never passed.
+FAST_LLAMA_PATH_MARKER = "fast_llama_path"
+
+
+def entry_points() -> list[str]:
+    raw = os.environ.get("CONFORMANCE_ENTRY_POINTS", "") or ",".join(candidate.ENTRY_POINTS)
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in candidate.ENTRY_POINTS]
+    if unknown or not names:
+        raise pytest.UsageError(
+            f"CONFORMANCE_ENTRY_POINTS={raw!r}: expected a comma-separated subset of {', '.join(candidate.ENTRY_POINTS)}"
+        )
+    return names
+
+
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -78,6 +96,10 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     for name, description in FAMILIES.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+    config.addinivalue_line(
+        "markers",
+        f"{FAST_LLAMA_PATH_MARKER}: checks FastLanguageModel's fast path (skipped through FastModel)",
+    )
     # The fp32 bounds assume true fp32 matmuls (see tolerances.py); the oracle does the same.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -91,6 +113,7 @@ def pytest_configure(config) -> None:
         # What was asked for (e.g. ``-m rope``): a partial run must not read as a whole leg.
         "pytest_args": [str(a) for a in config.invocation_params.args],
         "mutation": os.environ.get("CONFORMANCE_MUTATION", ""),
+        "entry_points": entry_points(),
         "versions": versions.collect(),
         "shim": candidate.shim_state(),
     }
@@ -103,11 +126,55 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Remember which (family, model) pairs will run, so their references are batched."""
     needed = set()
     for item in items:
+        entry = getattr(item, "callspec", None) and item.callspec.params.get("entry_point")
+        if entry and entry != "FastLanguageModel" and item.get_closest_marker(FAST_LLAMA_PATH_MARKER):
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"{entry} loads every model on Unsloth's generic path: no fast Llama-kernel path to check"
+                )
+            )
+            continue
         spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
         for marker in item.iter_markers():
             if marker.name in FAMILIES and spec is not None:
                 needed.add((marker.name, spec.name))
     config._conformance_needed = needed
+
+
+@pytest.hookimpl(trylast=True)  # after the modules' own parametrize: ids end in the entry point
+def pytest_generate_tests(metafunc) -> None:
+    # Session-scoped, so pytest runs every case of one entry point before the next one's and
+    # module-scoped fixtures that take ``entry_point`` are built once per entry point.
+    if "entry_point" in metafunc.fixturenames:
+        metafunc.parametrize("entry_point", entry_points(), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def entry_point(request) -> str:
+    """The Unsloth entry point this case loads, attaches LoRA and switches modes through."""
+    candidate.use_entry_point(request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _current_entry_point(entry_point) -> None:
+    candidate.use_entry_point(entry_point)  # a session fixture is set up once per entry point
+
+
+@pytest.fixture(autouse=True)
+def _model_type_this_transformers_lacks(request, entry_point, settings) -> None:
+    """A zoo model whose type the installed transformers lacks (Qwen3.5 on transformers 4) has
+    only a config-only checkpoint: its case is the loader's answer to it, which must be the
+    shim's declared refusal (conformance/refusals.py), before any reference is asked for."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    spec = params.get("spec") or getattr(params.get("cell"), "spec", None)
+    if spec is None or zoo.transformers_builds(spec):
+        return
+    oracle_client.ensure_zoo({spec.name})
+    model, _ = candidate.load(spec, spec.max_position_embeddings, settings.dtype)  # xfails when refused
+    pytest.fail(
+        f"{spec}: {entry_point} loaded a {spec.model_type} model the installed transformers cannot build"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +201,8 @@ def oracle(pytestconfig, settings) -> oracle_client.Oracle:
     skip = candidate.nf4_skip_modules()
     batch = []
     for family, name in sorted(getattr(pytestconfig, "_conformance_needed", ())):
-        batch += plan.for_family(family, zoo.by_name(name), settings.dtype, settings.device, skip)
+        if zoo.transformers_builds(zoo.by_name(name)):  # else the case is the loader's refusal
+            batch += plan.for_family(family, zoo.by_name(name), settings.dtype, settings.device, skip)
     if batch:
         client.fetch(batch)
     yield client
@@ -152,7 +220,7 @@ def needed_models(pytestconfig):
 
     def for_family(family: str) -> list[zoo.ModelSpec]:
         names = {n for f, n in getattr(pytestconfig, "_conformance_needed", ()) if f == family}
-        return [spec for spec in zoo.ZOO if spec.name in names]
+        return [spec for spec in zoo.ZOO if spec.name in names and zoo.transformers_builds(spec)]
 
     return for_family
 

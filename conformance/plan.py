@@ -8,7 +8,7 @@ them; this module imports neither Unsloth nor transformers.
 
 from __future__ import annotations
 
-from conformance import chat_reference, tolerances, zoo
+from conformance import chat_reference, tolerances, zoo, zoo_tokenizer
 from conformance.zoo import ModelSpec
 
 #: Long enough to reach past both original_max_position_embeddings (256) and
@@ -35,14 +35,29 @@ NF4_LEN = 256
 ADAPTER_LEN = 128
 
 
+#: Linear-attention (gated DeltaNet) projections of the hybrid families.
+LINEAR_ATTENTION_PROJECTIONS = {
+    "qwen3_5": ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"],
+    "qwen3_5_moe": ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"],
+    "qwen3_next": ["in_proj_qkvz", "in_proj_ba", "out_proj"],
+}
+#: The hybrid MoE families' shared expert, by path: bare MLP names would also make Unsloth's
+#: MoE detection add the routed experts' fused parameters, which PEFT's target_modules do not.
+SHARED_EXPERT_PROJECTIONS = [f"shared_expert.{name}" for name in MLP_PROJECTIONS]
+
+
 def lora_targets(family: str) -> list[str]:
     """LoRA target modules: all 7 projections, except Qwen3-MoE on transformers 5.
 
     transformers 5 stores Qwen3-MoE experts as fused 3D parameters (experts.gate_up_proj,
     experts.down_proj), not nn.Linear modules, so target_modules cannot reach them (PEFT
     would need target_parameters, which Unsloth's LoRA path does not share). The router
-    (mlp.gate) is never a LoRA target. Attention is what both sides support there.
+    (mlp.gate) is never a LoRA target. Attention is what both sides support there. The hybrid
+    families add their linear-attention projections and their dense or shared-expert MLP.
     """
+    if family in LINEAR_ATTENTION_PROJECTIONS:  # hybrid: attention, linear attention, MLP
+        mlp = MLP_PROJECTIONS if family == "qwen3_5" else SHARED_EXPERT_PROJECTIONS
+        return ATTENTION_PROJECTIONS + LINEAR_ATTENTION_PROJECTIONS[family] + mlp
     if family == "qwen3_moe" and zoo.transformers_major() >= 5:
         return list(ATTENTION_PROJECTIONS)
     return ATTENTION_PROJECTIONS + MLP_PROJECTIONS
@@ -140,8 +155,8 @@ def for_family(
         return [lora(spec, dtype, device)]
     if family == "generate":
         return [generate(spec, dtype, device)]
-    if family == "chat_template":
-        return [chat(spec)]
+    if family == "chat_template":  # only where a published template is in the repository
+        return [chat(spec)] if spec.family in zoo_tokenizer.TEMPLATE_FAMILIES else []
     if family == "quant4" and device == "cuda" and nf4_skip is not None:
         return nf4(spec, nf4_skip)
     return []

@@ -22,10 +22,14 @@ from pathlib import Path
 
 from conformance import raw_reports
 
-#: A grid case id; pytest-xdist's loadgroup appends "@<group>".
+#: A grid case id; the Unsloth entry point ends it (runs since the FastModel entry point was
+#: added), pytest-xdist's loadgroup appends "@<group>".
 CELL = re.compile(
-    r"test_rope_grid\[(?P<family>[a-z0-9_]+)-(?P<type>[a-z0-9_]+)-(?P<window>[a-z_]+)-(?P<n>\d+)\](@\S+)?"
+    r"test_rope_grid\[(?P<family>[a-z0-9_]+)-(?P<type>[a-z0-9_]+)-(?P<window>[a-z_]+)-(?P<n>\d+)"
+    r"(-(?P<entry>Fast[A-Za-z]+))?\](@\S+)?"
 )
+#: The entry point a grid id without one was run through.
+DEFAULT_ENTRY = "FastLanguageModel"
 WINDOWS = {"inside": "inside M", "past_max_positions": "past M", "past_coverage": "past coverage"}
 START, END = "<!-- rope-grid:", "<!-- /rope-grid -->"
 #: What the table's words mean (CONFORMANCE.md prints it above the table).
@@ -64,10 +68,17 @@ def read(reports: Path) -> dict:
             for case in run.cases:
                 match = CELL.fullmatch(case["case"])
                 if match:
-                    cells[(match["family"], match["type"], match["window"])] = outcome(case, match["family"])
+                    # Cells of another entry point count as a family of their own ("qwen3/FastModel").
+                    entry = match["entry"] or DEFAULT_ENTRY
+                    family = match["family"] if entry == DEFAULT_ENTRY else f"{match['family']}/{entry}"
+                    cells[(family, match["type"], match["window"])] = outcome(case, match["family"])
             if cells:
                 legs.setdefault(leg, {})[run.kind] = {"cells": cells, "header": run.data}
     return legs
+
+
+def _control(family: str) -> bool:
+    return family.split("/")[0] in CONTROLS
 
 
 def table(legs: dict) -> list[str]:
@@ -75,7 +86,7 @@ def table(legs: dict) -> list[str]:
     types: set[str] = set()
     for leg in names:
         for mode in legs[leg].values():
-            types |= {t for (f, t, w) in mode["cells"] if f not in CONTROLS}
+            types |= {t for (f, t, w) in mode["cells"] if not _control(f)}
     header = "| RoPE type | " + " | ".join(
         f"{leg} (Unsloth {legs[leg].get('shim', legs[leg].get('stock'))['header']['versions']['unsloth']}, "
         f"transformers {legs[leg].get('shim', legs[leg].get('stock'))['header']['versions']['transformers']}, "
@@ -92,7 +103,7 @@ def table(legs: dict) -> list[str]:
     for leg in names:
         shim = legs[leg].get("shim", {"cells": {}})["cells"]
         parts = []
-        for family in CONTROLS:
+        for family in sorted({f for (f, _, _) in shim if _control(f)} | set(CONTROLS)):
             ctrl = [v for (f, _, _), v in shim.items() if f == family]
             same = sum(v == "= stock" for v in ctrl)
             parts.append(f"{family} {same}/{len(ctrl)}" if ctrl else f"{family} not run")
@@ -113,7 +124,7 @@ def _cell_text(leg: dict, kind: str) -> str:
     shim = leg.get("shim", {"cells": {}})["cells"]
     by_window: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for (family, k, window), value in sorted(shim.items()):
-        if k == kind and family not in CONTROLS:
+        if k == kind and not _control(family):
             by_window[window][value].append(family)
     for window, label in WINDOWS.items():
         families = by_window.get(window)
@@ -129,7 +140,7 @@ def _cell_text(leg: dict, kind: str) -> str:
     stock = [
         v
         for (f, k, _), v in leg.get("stock", {"cells": {}})["cells"].items()
-        if k == kind and f not in CONTROLS
+        if k == kind and not _control(f)
     ]
     if stock:
         wrong = sum(v == "WRONG" for v in stock)

@@ -1,6 +1,6 @@
 """Adapter save and reload: the candidate saves a LoRA adapter; reloading it gives the same logits.
 
-Reloaded twice: by the candidate (FastLanguageModel.from_pretrained on the adapter
+Reloaded twice: by the candidate (the entry point's from_pretrained on the adapter
 directory) and by HF (PeftModel.from_pretrained in the oracle process). Both must match
 the candidate's logits before saving. The adapter carries the oracle's non-zero LoRA
 weights (see test_lora.py), so a reload that drops or mis-scales it shows.
@@ -40,7 +40,9 @@ def _save_and_reload(spec, settings, oracle) -> dict:
     before = candidate.forward_logits(model, ids).cpu()
 
     # A stable path (not a tmp dir) so the oracle's cached result is found next session.
-    directory = zoo.cache_root() / "candidate-adapters" / f"{spec}-{settings.dtype}"
+    directory = (
+        zoo.cache_root() / "candidate-adapters" / f"{spec}-{settings.dtype}-{candidate.entry_point_name()}"
+    )
     shutil.rmtree(directory, ignore_errors=True)
     model.save_pretrained(str(directory))
     del model
@@ -63,8 +65,9 @@ _MODEL_OUTCOMES = (Exception, pytest.xfail.Exception)
 
 
 @pytest.fixture(scope="module")
-def saved_adapters(needed_models, settings, oracle) -> dict:
-    """Save and reload every collected model's adapter, then get all HF reloads from one oracle run."""
+def saved_adapters(needed_models, settings, oracle, entry_point) -> dict:
+    """Save and reload every collected model's adapter (through ``entry_point``), then get all HF
+    reloads from one oracle run."""
     saved = {}
     for spec in needed_models("adapter"):
         try:

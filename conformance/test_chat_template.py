@@ -4,15 +4,16 @@ The candidate's tokenizer (as FastLanguageModel.from_pretrained returns it, and 
 unsloth.chat_templates.get_chat_template with Unsloth's Qwen template name, which the shim
 registers where Unsloth lacks it) is compared with what the oracle renders with the suite's
 own pinned copies of Qwen's published templates (chat_reference.py; not the shim's copy).
-Every conversation of chat_reference.CONVERSATIONS; Qwen3 with enable_thinking unset, on
-and off.
+Every conversation of chat_reference.CONVERSATIONS; Qwen3 and Qwen3.5 with enable_thinking
+unset, on and off. Qwen3-Next (no reference copy of its template here) and the
+get_chat_template variant of families Unsloth has no name for are skipped, saying so.
 """
 
 import copy
 
 import pytest
 
-from conformance import candidate, chat_reference, plan, tolerances, zoo
+from conformance import candidate, chat_reference, plan, tolerances, zoo, zoo_tokenizer
 
 pytestmark = pytest.mark.chat_template
 
@@ -23,6 +24,8 @@ UNSLOTH_TEMPLATE_NAMES = {"qwen2": "qwen-2.5", "qwen3": "qwen3", "qwen3_moe": "q
 def _unsloth_template(tokenizer, family: str):
     from unsloth.chat_templates import CHAT_TEMPLATES, get_chat_template
 
+    if family not in UNSLOTH_TEMPLATE_NAMES:
+        pytest.skip(f"Unsloth has no registry name for the {family} template (none in 2026.10.9 either)")
     name = UNSLOTH_TEMPLATE_NAMES[family]
     if name not in CHAT_TEMPLATES:
         message = f"unsloth.chat_templates has no {name!r} template"
@@ -35,6 +38,8 @@ def _unsloth_template(tokenizer, family: str):
 @pytest.mark.parametrize("source", ["from_pretrained", "get_chat_template"])
 @pytest.mark.parametrize("spec", zoo.ZOO, ids=str)
 def test_chat_template(spec, source, settings, oracle, candidates, record):
+    if spec.family not in zoo_tokenizer.TEMPLATE_FAMILIES:
+        pytest.skip(f"no copy of Qwen's published {spec.family} chat template in this repository")
     reference = oracle.get(plan.chat(spec))
     stale = [r["label"] for r in reference["renders"] if r["text_own"] != r["text"]]
     assert not stale, f"zoo tokenizer does not carry the reference template ({stale}): rebuild the zoo"

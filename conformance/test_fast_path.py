@@ -13,7 +13,7 @@ import pytest
 
 from conformance import candidate, plan, tolerances, zoo
 
-pytestmark = pytest.mark.fast_path
+pytestmark = [pytest.mark.fast_path, pytest.mark.fast_llama_path]
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -25,7 +25,7 @@ import torch
 
 from conformance import candidate, plan, tolerances, zoo
 
-pytestmark = pytest.mark.fused_qkv
+pytestmark = [pytest.mark.fused_qkv, pytest.mark.fast_llama_path]
 
 QWEN2 = [spec for spec in zoo.ZOO if spec.family == "qwen2"]
 

@@ -114,12 +114,14 @@ _RESULTS: dict[tuple[str, str], dict | Exception] = {}
 def grid(request, settings):
     """Results of every collected cell of this family, computed on the first cell's call."""
     family = request.node.callspec.params["cell"].spec.family
-    key = (family, settings.dtype)
+    key = (family, settings.dtype, candidate.entry_point_name())
     if key not in _RESULTS:
         mine = [
             item.callspec.params["cell"]
             for item in request.session.items
-            if item.originalname == "test_rope_grid" and item.callspec.params["cell"].spec.family == family
+            if item.originalname == "test_rope_grid"
+            and item.callspec.params["cell"].spec.family == family
+            and item.callspec.params.get("entry_point") == candidate.entry_point_name()
         ]
         try:
             oracle_client.ensure_zoo({cell.spec.name for cell in mine})

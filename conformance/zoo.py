@@ -1,4 +1,5 @@
-"""The tiny model zoo: qwen2, qwen3 and qwen3_moe, each ``plain`` and ``yarn``.
+"""The tiny model zoo: qwen2, qwen3, qwen3_moe and the hybrid qwen3_5, qwen3_5_moe and
+qwen3_next, each ``plain`` and ``yarn``.
 
 Models are built here from a config and seeded random weights, never downloaded, and
 saved with ``save_pretrained`` (safetensors) under ``$CONFORMANCE_CACHE/zoo``. A model
@@ -58,6 +59,37 @@ MOE_SHAPE = {
     "norm_topk_prob": True,
 }
 
+#: The hybrid families (transformers 5; qwen3_next from 4.57): gated-DeltaNet linear-attention
+#: layers beside full-attention layers, partial rotary on the attention layers, zero-centred
+#: RMSNorm weights. Four layers, so each layer type appears twice and a linear layer follows a
+#: full one in the hybrid cache. Linear attention: 2 key heads, 4 value heads (GQA-like 2:1).
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+HYBRID_SHAPE = {
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
+#: Published Qwen3.5 / Qwen3-Next rotate a quarter of each attention head (64 of 256 dims).
+PARTIAL_ROTARY_FACTOR = 0.25
+#: Qwen3.5's text rotary is multimodal RoPE; its sections split the rotated half (8
+#: frequencies here, as 11 + 11 + 10 split Qwen3.5's 32). Text-only positions are equal on
+#: all three axes, so it computes plain partial RoPE.
+MROPE = {"mrope_section": [3, 3, 2], "mrope_interleaved": True}
+#: MoE hybrids add a shared expert (with its sigmoid gate) beside the routed experts.
+HYBRID_MOE_SHAPE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 128,
+    "shared_expert_intermediate_size": 128,
+}
+#: The config ``model_type`` each family is built from. Qwen3.5 checkpoints are published
+#: as vision-language models; their text config is what a causal LM is built from.
+CONFIG_MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
 #: Plain models: plenty of positions for the 900-token forward case.
 PLAIN_MAX_POSITIONS = 1024
 
@@ -75,13 +107,15 @@ WEIGHT_STD = 0.06
 NORM_JITTER = 0.1
 SEED = 1234
 
-FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
+FAMILIES = ("qwen2", "qwen3", "qwen3_moe", *HYBRID_FAMILIES)
 ROPES = ("plain", "yarn")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # the config's model_type: qwen2 | qwen3 | qwen3_moe (llama | mistral: RoPE-grid controls)
+    #: qwen2 | qwen3 | qwen3_moe | qwen3_5 | qwen3_5_moe | qwen3_next (llama | mistral: RoPE-grid
+    #: controls); the config's model_type, but for CONFIG_MODEL_TYPES.
+    family: str
     rope: str  # plain | yarn | grid-<rope type> (conformance/rope_grid.py)
     #: RoPE-grid models only: the scaling (JSON, rope_type included; "" for plain RoPE), the
     #: base, the window, and longrope's original window as transformers 4 reads it (top level).
@@ -115,8 +149,20 @@ class ModelSpec:
 
     @property
     def tokenizer_family(self) -> str:
-        """Control families (llama, mistral) borrow the qwen2 tokenizer: only logits are compared."""
-        return self.family if self.family in zoo_tokenizer.TEMPLATE_FAMILIES else "qwen2"
+        """Control families (llama, mistral) borrow the qwen2 tokenizer: only logits are compared;
+        qwen3_next, with no published template here, borrows qwen3's."""
+        if self.family in zoo_tokenizer.TEMPLATE_FAMILIES:
+            return self.family
+        return "qwen3" if self.hybrid else "qwen2"
+
+    @property
+    def model_type(self) -> str:
+        """The ``model_type`` of the saved config."""
+        return CONFIG_MODEL_TYPES.get(self.family, self.family)
+
+    @property
+    def hybrid(self) -> bool:
+        return self.family in HYBRID_FAMILIES
 
 
 ZOO = tuple(ModelSpec(f, r) for f in FAMILIES for r in ROPES)
@@ -167,6 +213,8 @@ def _key(spec: ModelSpec) -> str:
         "transformers": metadata.version("transformers"),
         "tokenizers": metadata.version("tokenizers"),
     }
+    if spec.hybrid:  # only here, so the other models keep their directories
+        material["hybrid"] = [HYBRID_SHAPE, HYBRID_MOE_SHAPE, PARTIAL_ROTARY_FACTOR, MROPE, spec.model_type]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,9 +235,15 @@ def rope_config_kwargs(spec: ModelSpec) -> dict:
     """RoPE settings spelled the way the installed transformers reads them."""
     scaling = spec.scaling
     extra = {"original_max_position_embeddings": spec.top_level_original} if spec.top_level_original else {}
+    if spec.hybrid and transformers_major() < 5:  # qwen3_next on transformers 4.57
+        extra["partial_rotary_factor"] = PARTIAL_ROTARY_FACTOR
     if transformers_major() >= 5:
-        # v5 keeps theta and scaling together in rope_parameters.
+        # v5 keeps theta and scaling together in rope_parameters (partial rotary too).
         params = {"rope_type": "default", **(scaling or {}), "rope_theta": spec.theta}
+        if spec.hybrid:
+            params["partial_rotary_factor"] = PARTIAL_ROTARY_FACTOR
+            if spec.family in CONFIG_MODEL_TYPES:
+                params.update(MROPE)
         return {"rope_parameters": params, **extra}
     # v4: theta at top level, scaling in rope_scaling (Qwen's published configs use "rope_type").
     return {"rope_theta": spec.theta, "rope_scaling": scaling, **extra}
@@ -210,7 +264,7 @@ def make_config(spec: ModelSpec, tokenizer):
         use_sliding_window=False,
         **rope_config_kwargs(spec),
     )
-    if spec.family in ("qwen3", "qwen3_moe"):
+    if spec.family in ("qwen3", "qwen3_moe", *HYBRID_FAMILIES):
         kwargs["head_dim"] = HEAD_DIM
     if spec.family == "mistral":
         kwargs["sliding_window"] = None
@@ -219,7 +273,14 @@ def make_config(spec: ModelSpec, tokenizer):
         kwargs["head_dim"] = SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
     if spec.family == "qwen3_moe":
         kwargs.update(MOE_SHAPE)
-    return AutoConfig.for_model(spec.family, **kwargs)
+    if spec.hybrid:
+        kwargs.update(HYBRID_SHAPE)
+        del kwargs["use_sliding_window"]  # not a field of the hybrid configs
+    if spec.family in ("qwen3_5_moe", "qwen3_next"):
+        kwargs.update(HYBRID_MOE_SHAPE)
+    if spec.family == "qwen3_next":  # every layer sparse, as published
+        kwargs.update(decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[])
+    return AutoConfig.for_model(spec.model_type, **kwargs)
 
 
 def _randomize(model, spec: ModelSpec) -> None:
@@ -230,30 +291,58 @@ def _randomize(model, spec: ModelSpec) -> None:
         for name, param in sorted(model.named_parameters()):
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if "norm" in name.rsplit(".", 2)[-2]:
-                param.copy_(1.0 + NORM_JITTER * noise)
+                # Around the model's own init: 1 for x * w norms, 0 for the hybrids' zero-centred
+                # x * (1 + w) norms (their gated linear-attention norm is x * w again).
+                centre = 0.0 if bool((param == 0).all()) else 1.0
+                param.copy_(centre + NORM_JITTER * noise)
             else:
                 # Weights, the qkv biases of qwen2, routers and fused expert tensors alike.
                 param.copy_(WEIGHT_STD * noise)
 
 
+def transformers_builds(spec: ModelSpec) -> bool:
+    """Whether the installed transformers has the model type (Qwen3.5 needs transformers 5)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return spec.model_type in CONFIG_MAPPING_NAMES
+
+
+#: What a config-only checkpoint holds: the ``model_type`` and architecture a newer
+#: transformers writes, so a loader can see what it was asked to load and refuse it.
+ARCHITECTURES = {
+    "qwen3_5": "Qwen3_5ForCausalLM",
+    "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+}
+
+
 def build(spec: ModelSpec) -> Path:
-    """Build (or find) the model directory for ``spec``; safe to call repeatedly."""
+    """Build (or find) the model directory for ``spec``; safe to call repeatedly.
+
+    Where the installed transformers lacks the model type, the directory is a config-only
+    checkpoint (``config.json`` names the type, no weights) plus the tokenizer: loading it
+    must end in a clear refusal, which is what the cases check on such a leg.
+    """
     target = model_dir(spec)
     if is_built(spec):
         return target
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tokenizer = zoo_tokenizer.build_tokenizer(spec.tokenizer_family)
-    config = make_config(spec, tokenizer)
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, **_fp32_kwarg())
-    _randomize(model, spec)
-    model.generation_config.do_sample = False
-
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    if transformers_builds(spec):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        config = make_config(spec, tokenizer)
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config, **_fp32_kwarg())
+        _randomize(model, spec)
+        model.generation_config.do_sample = False
+        model.save_pretrained(staging)
+    else:
+        staging.mkdir(parents=True)
+        config = {"model_type": spec.model_type, "architectures": [ARCHITECTURES[spec.family]]}
+        (staging / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(staging)
     (staging / "zoo_spec.json").write_text(json.dumps({"name": spec.name, **asdict(spec)}, indent=1))
     (staging / "COMPLETE").write_text(_hash_files(staging))

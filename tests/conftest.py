@@ -61,6 +61,7 @@ PATCH_SLOTS = (
     "chat_templates",
     "kv_cache_left_padding",
     "qwen2_fused_qkv_bias",
+    "hybrid_qwen_models",
 )
 
 
@@ -75,10 +76,31 @@ TINY_QWEN = dict(
 )
 
 
+#: The hybrid Qwen types' extra fields: one linear-attention and one full-attention layer,
+#: and (MoE types) a shared expert beside four routed ones.
+TINY_HYBRID = dict(
+    num_hidden_layers=2,
+    head_dim=16,
+    layer_types=["linear_attention", "full_attention"],
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+)
+TINY_HYBRID_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+)
+HYBRID_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+
+
 def tiny_qwen_config(model_type: str) -> Any:
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type, **TINY_QWEN)
+    extra: dict[str, Any] = {}
+    if model_type in HYBRID_TYPES:
+        extra = dict(TINY_HYBRID, **(TINY_HYBRID_MOE if "moe" in model_type or "next" in model_type else {}))
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY_QWEN, **extra})
     if model_type == "qwen3_moe":
         config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size = 4, 2, 16
     return config

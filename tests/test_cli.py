@@ -213,6 +213,9 @@ def test_doctor_lists_the_tested_pins() -> None:
     assert "Tested matrix" in done.stdout
     assert "2026.10.9" in done.stdout and "5.17.0" in done.stdout
     assert "Unsloth is not installed" in done.stdout
+    # The moving leg: its pins and how to move them.
+    assert "5.24.0" in done.stdout and "Leg latest follows the newest" in done.stdout
+    assert "pip index versions transformers" in done.stdout and "tox -e gpu-latest" in done.stdout
 
 
 def test_console_script_is_declared() -> None:

@@ -92,6 +92,7 @@ def test_allow_cpu_revert_puts_back_the_same_objects() -> None:
             "chat_templates": "native",
             "kv_cache_left_padding": "native",
             "qwen2_fused_qkv_bias": "needed",
+            "hybrid_qwen_models": "native",
         }
         needed = {name for name, verdict in verdicts.items() if verdict == "needed"}
         assert {"lora_target_maps", "rope_scaling"} <= set(out["applied"]) <= needed

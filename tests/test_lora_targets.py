@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -14,7 +16,7 @@ from unsloth_qwen_compat.lora_targets import (  # noqa: E402
     default_targets,
 )
 
-from .conftest import tiny_qwen_config  # noqa: E402
+from .conftest import REPO, requires_unsloth, run_python, tiny_qwen_config  # noqa: E402
 
 
 def _model(model_type: str):
@@ -52,7 +54,7 @@ def test_regex_strings_and_none_pass_through() -> None:
 
 
 def test_unknown_model_type_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="covers qwen2, qwen3, qwen3_moe"):
+    with pytest.raises(ValueError, match="covers qwen2, qwen3, qwen3_moe, qwen3_5"):
         default_targets("llama")
 
 
@@ -68,8 +70,13 @@ def _stand_in_llama(get_peft_model):
     class FastLlamaModel:
         pass
 
+    class FastBaseModel:
+        pass
+
     FastLlamaModel.get_peft_model = staticmethod(get_peft_model)
+    FastBaseModel.get_peft_model = staticmethod(get_peft_model)
     module.FastLlamaModel = FastLlamaModel
+    module.FastBaseModel = FastBaseModel
     module.LoraConfig = "stock LoraConfig"
     module.transformers_set_seed = "stock set_seed"
     return module
@@ -124,10 +131,74 @@ def test_probe_verdicts_from_the_run_and_the_fallback(monkeypatch) -> None:
 
     patch = lora_target_maps.LoraTargetMaps()
     llama = _stand_in_llama(_fixed_like)
+    # The stand-in classes live in this module: the probe runs FastBaseModel's there.
+    monkeypatch.setattr(lora_target_maps, "defining_module", lambda module, owner: module)
+    monkeypatch.setattr(lora_target_maps, "peft_drops_unmatched_names", lambda: False)
     for outcome, verdict in [("accepted", "needed"), ("rejected", "native"), ("unclear", "unsupported")]:
-        monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _llama, o=outcome: (o, "why"))
+        monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _m, _owner="", o=outcome: (o, "why"))
         assert patch.probe(llama, None).verdict.value == verdict
-    # An inconclusive run on code that still prints the old notice: needed, read from the code.
-    monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _llama: ("unclear", "why"))
+    # One entry point accepting the typo is enough to need the patch; the reason names it.
+    outcomes = {"FastLlamaModel": ("rejected", "ValueError: v_prj"), "FastBaseModel": ("accepted", "")}
+    monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _m, owner: outcomes[owner])
+    result = patch.probe(llama, None)
+    assert result.verdict.value == "needed" and "through FastModel" in result.reason
+    # An inconclusive run on code that still prints the old notice: needed, read from the code;
+    # on FastModel's, what PEFT does with the list decides.
+    monkeypatch.setattr(lora_target_maps, "typo_outcome", lambda _m, _owner="": ("unclear", "why"))
     result = patch.probe(_stand_in_llama(_stock_like), None)
     assert result.verdict.value == "needed" and "read from its code" in result.reason
+    monkeypatch.setattr(lora_target_maps, "peft_drops_unmatched_names", lambda: True)
+    result = patch.probe(llama, None)
+    assert result.verdict.value == "needed" and "PEFT drops it" in result.reason
+
+
+def test_peft_drops_a_name_that_matches_nothing_beside_one_that_matches() -> None:
+    # What FastModel's get_peft_model hands its list to (PEFT 0.21.2 here): the defect is real.
+    from unsloth_qwen_compat.patches.lora_target_maps import peft_drops_unmatched_names
+
+    assert peft_drops_unmatched_names() is True
+
+
+#: What each hybrid type's model offers, read from transformers' own modules.
+HYBRID_NAMES = {
+    "qwen3_5_text": {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_proj"},
+    "qwen3_5_moe_text": {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "gate_up_proj"},
+    "qwen3_next": {"in_proj_qkvz", "in_proj_ba", "out_proj", "gate_up_proj"},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRID_NAMES))
+def test_hybrid_models_offer_their_own_projection_names(model_type: str) -> None:
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the hybrid Qwen types' fused experts are transformers 5's")
+    model = _model(model_type)
+    names = available_targets(model)
+    assert HYBRID_NAMES[model_type] | {"q_proj", "k_proj", "v_proj", "o_proj"} <= names
+    assert "conv1d" not in names  # a 3-D Conv1d weight is not a fused expert
+    defaults = list(default_targets(model_type))
+    assert check_target_modules(model, defaults) == defaults
+    with pytest.raises(UnknownTargetModuleError, match="in_proj_qkvx"):
+        check_target_modules(model, ["q_proj", "in_proj_qkvx"])
+
+
+def test_a_typo_in_a_path_is_an_error_even_with_a_valid_last_part() -> None:
+    model = _model("qwen3_next")
+    assert check_target_modules(model, ["shared_expert.gate_proj", "mlp.experts.gate_up_proj"])
+    with pytest.raises(UnknownTargetModuleError, match="shared_expertt.gate_proj"):
+        check_target_modules(model, ["shared_expertt.gate_proj"])
+
+
+@requires_unsloth
+def test_fastmodel_get_peft_model_rejects_a_typo_with_the_shim_only() -> None:
+    """Unsloth's own FastModel.get_peft_model (its GPU code, UNSLOTH_ALLOW_CPU=1) on tiny models:
+    stock trains q_proj alone for ["q_proj", "v_prj"]; the shim raises. Unsloth's post-PEFT
+    patching needs a GPU trainer, so a CPU stand-in (returns the model) replaces that last step."""
+    script = REPO / "tests" / "fastmodel_typo_child.py"
+    results = {}
+    for mode in ("stock", "shim"):
+        done = run_python("", args=[str(script), mode], env={"UNSLOTH_ALLOW_CPU": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    for model_type in ("qwen3", *HYBRID_NAMES):
+        assert results["stock"][model_type] == ["q_proj"], results["stock"]
+        assert results["shim"][model_type].startswith("UnknownTargetModuleError"), results["shim"]

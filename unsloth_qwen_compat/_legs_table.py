@@ -79,9 +79,11 @@ def markdown_table(reports: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for leg in LEGS:
+        runs = read_reports(reports, leg.name)
+        cell = conformance_cell(runs) if runs or leg.measured else "not run yet"
         rows.append(
             f"| {leg.name} | {leg.unsloth} | {leg.unsloth_zoo} | {leg.transformers} | {leg.trl} "
-            f"| {leg.peft} | {conformance_cell(read_reports(reports, leg.name))} |"
+            f"| {leg.peft} | {cell} |"
         )
     return "\n".join(rows)
 

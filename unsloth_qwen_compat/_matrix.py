@@ -27,6 +27,8 @@ class Leg:
     expected_needs: tuple[str, ...]
     #: Whether CONFORMANCE.md records a conformance run of this leg.
     measured: bool = True
+    #: A leg that follows the newest releases (``latest``): its pins move, see :data:`MOVING_LEG_RECIPE`.
+    moving: bool = False
 
     @property
     def conformance(self) -> str:
@@ -61,7 +63,13 @@ LEGS: tuple[Leg, ...] = (
         transformers="4.57.1",
         trl="0.23.0",
         peft="0.17.1",
-        expected_needs=("rope_scaling", "lora_target_maps", "kv_cache_left_padding", "qwen2_fused_qkv_bias"),
+        expected_needs=(
+            "rope_scaling",
+            "lora_target_maps",
+            "kv_cache_left_padding",
+            "qwen2_fused_qkv_bias",
+            "hybrid_qwen_models",
+        ),
     ),
     Leg(
         name="2025.3",
@@ -78,8 +86,37 @@ LEGS: tuple[Leg, ...] = (
             "chat_templates",
             "kv_cache_left_padding",
             "qwen2_fused_qkv_bias",
+            "hybrid_qwen_models",
         ),
     ),
+    # The drift canary: the newest tested Unsloth with the newest transformers, trl and peft
+    # releases. Unsloth 2026.10.9 declares transformers<=5.17.0 and trl<=1.15.0; the legs
+    # install with --no-deps, so this one runs past those caps on purpose, to see a break the
+    # day a release lands. Its verdicts were read on CPU (UNSLOTH_ALLOW_CPU=1, 2026-12-02).
+    Leg(
+        name="latest",
+        unsloth="2026.10.9",
+        unsloth_zoo="2026.10.9",
+        transformers="5.24.0",
+        trl="1.16.0",
+        peft="0.21.2",
+        expected_needs=("rope_scaling", "lora_target_maps", "qwen2_fused_qkv_bias"),
+        measured=False,
+        moving=True,
+    ),
+)
+
+#: How to move the ``latest`` leg to new releases (``doctor`` prints it).
+MOVING_LEG_RECIPE = (
+    "find the newest releases: pip index versions transformers (also trl, peft, unsloth, unsloth_zoo)",
+    "set them on the leg in unsloth_qwen_compat/_matrix.py and on its lines in tox.ini "
+    "(tests/test_matrix.py keeps the two equal); keep unsloth at its newest tested release "
+    "until a new one passes there",
+    "build its wheels (pip download --no-deps --only-binary=:all: --python-version 3.12 ...) and run "
+    "tox -e gpu-{leg} or conformance/offline_legs.sh REPORTS {leg} on a GPU",
+    "commit the run's raw reports under the leg's name, regenerate the README tables (python -m "
+    "unsloth_qwen_compat._legs_table --readme README.md, python -m conformance.model_table "
+    "--readme README.md) and set expected_needs to what status says there",
 )
 
 

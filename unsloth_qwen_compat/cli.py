@@ -23,7 +23,7 @@ from typing import Any
 
 from . import bench, conformance_command
 from ._env import MODE_CPU_FALLBACK, TRACKED_DISTRIBUTIONS
-from ._matrix import LEGS
+from ._matrix import LEGS, MOVING_LEG_RECIPE
 from ._registry import Action
 from ._version import __version__
 
@@ -191,6 +191,14 @@ def render_doctor(report: dict[str, Any]) -> str:
     lines.append(
         _table(rows, ["leg", "unsloth", "unsloth_zoo", "transformers", "trl", "peft", "conformance"])
     )
+    for leg in LEGS:
+        if leg.moving:
+            lines.append(
+                f"Leg {leg.name} follows the newest transformers / trl / peft releases with unsloth "
+                f"{leg.unsloth} (installed past Unsloth's declared caps), so that drift shows the day it "
+                "lands. To move it:"
+            )
+            lines += [f"  {n}. {step.format(leg=leg.name)}" for n, step in enumerate(MOVING_LEG_RECIPE, 1)]
     lines.append("")
     advice = []
     installed = env["versions"]

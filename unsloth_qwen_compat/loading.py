@@ -630,7 +630,7 @@ def lora_targets_for(model: Any, lora: LoraSection) -> list[str]:
     present = available_targets(model)
     # The defaults name what the model type can offer; keep those this model has as
     # modules (e.g. no fused expert parameters on transformers 4).
-    targets = [name for name in default_targets(str(model_type)) if name in present]
+    targets = [name for name in default_targets(str(model_type)) if name.rsplit(".", 1)[-1] in present]
     return list(check_target_modules(model, targets) or [])
 
 

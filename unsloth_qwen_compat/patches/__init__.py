@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._registry import Patch
 from .chat_templates import ChatTemplates
+from .hybrid_qwen_models import HybridQwenModels
 from .kv_cache_left_padding import KvCacheLeftPadding
 from .lora_target_maps import LoraTargetMaps
 from .qwen2_fused_qkv_bias import Qwen2FusedQkvBias
@@ -22,6 +23,7 @@ def all_patches() -> list[Patch]:
         ChatTemplates(),
         KvCacheLeftPadding(),
         Qwen2FusedQkvBias(),
+        HybridQwenModels(),
     ]
 
 

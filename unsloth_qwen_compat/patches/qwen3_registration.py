@@ -20,8 +20,8 @@ As with every Unsloth model class, loading a model patches the transformers Qwen
 classes in place; ``revert()`` restores Unsloth's entry points, not classes a load has
 already patched. 8-bit loading and full fine-tuning of Qwen3 stay on upstream's generic
 path; vLLM fast inference of Qwen3, and Qwen3-MoE on such an Unsloth (no MoE support; its
-generic path fails on current torch), are refused with an UnsupportedConfigurationError
-that says what to do instead.
+generic path fails on current torch; through ``FastModel`` too), are refused with an
+UnsupportedConfigurationError that says what to do instead.
 """
 
 from __future__ import annotations
@@ -197,6 +197,32 @@ def _resolve(bound: inspect.BoundArguments, loader: types.ModuleType) -> tuple[s
     return getattr(config, "model_type", None), name, adapter
 
 
+def _refuse_qwen3_moe(model_type: str | None, loader: types.ModuleType) -> None:
+    if model_type == "qwen3_moe" and not hasattr(loader, "FastQwen3MoeModel"):
+        raise UnsupportedConfigurationError(
+            "unsloth_qwen_compat: this Unsloth has no Qwen3-MoE support (its generic path is "
+            "untested for Qwen3-MoE, and on torch >= 2.9 it fails while patching compiled "
+            "autograd). Load Qwen3-MoE on the HF path (loader config use_unsloth: false), or "
+            "use Unsloth 2025.10 or later."
+        )
+
+
+def _refusing_qwen3_moe(from_pretrained: Any, loader: types.ModuleType) -> Any:
+    """FastModel's from_pretrained: the same Qwen3-MoE refusal as FastLanguageModel's, else upstream
+    (its generic path is where FastLanguageModel would send Qwen3 anyway)."""
+    signature = inspect.signature(from_pretrained)
+
+    @functools.wraps(from_pretrained)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        _refuse_qwen3_moe(_resolve(bound, loader)[0], loader)
+        return from_pretrained(*args, **kwargs)
+
+    setattr(wrapper, _SHIM_OWNED, True)
+    return wrapper
+
+
 def _dispatching_qwen3(from_pretrained: Any, fast_qwen3: type, loader: types.ModuleType) -> Any:
     signature = inspect.signature(from_pretrained)
 
@@ -206,13 +232,7 @@ def _dispatching_qwen3(from_pretrained: Any, fast_qwen3: type, loader: types.Mod
         bound.apply_defaults()
         a = bound.arguments
         model_type, base_name, adapter = _resolve(bound, loader)
-        if model_type == "qwen3_moe" and not hasattr(loader, "FastQwen3MoeModel"):
-            raise UnsupportedConfigurationError(
-                "unsloth_qwen_compat: this Unsloth has no Qwen3-MoE support (its generic path is "
-                "untested for Qwen3-MoE, and on torch >= 2.9 it fails while patching compiled "
-                "autograd). Load Qwen3-MoE on the HF path (loader config use_unsloth: false), or "
-                "use Unsloth 2025.10 or later."
-            )
+        _refuse_qwen3_moe(model_type, loader)
         if model_type != "qwen3" or a.get("load_in_8bit") or a.get("full_finetuning"):
             return from_pretrained(*args, **kwargs)
         if a.get("fast_inference"):
@@ -358,6 +378,12 @@ FastLanguageModel.get_peft_model(model, r=8)  # NotImplementedError: qwen3 is no
         swaps.wrap_staticmethod(
             loader.FastLanguageModel, "from_pretrained", lambda f: _dispatching_qwen3(f, fast_qwen3, loader)
         )
+        # FastModel (the generic path, from_pretrained of its own or FastBaseModel's) refuses
+        # Qwen3-MoE the same way.
+        fast_model = getattr(loader, "FastModel", None)
+        owner = next((c for c in getattr(fast_model, "__mro__", ()) if "from_pretrained" in vars(c)), None)
+        if owner is not None and owner is not loader.FastLanguageModel:
+            swaps.wrap_staticmethod(owner, "from_pretrained", lambda f: _refusing_qwen3_moe(f, loader))
         swaps.wrap_staticmethod(llama.FastLlamaModel, "patch_peft_model", _peft_patching_qwen3)
         swaps.set_attr(models, "FastQwen3Model", fast_qwen3)
         swaps.set_attr(loader, "FastQwen3Model", fast_qwen3)

@@ -1,0 +1,80 @@
+"""The README's supported-models table is what conformance.model_table makes of the committed reports."""
+
+from __future__ import annotations
+
+import json
+
+from conformance import model_table
+
+from .conftest import REPO
+
+
+def test_readme_models_table_is_generated_from_the_committed_reports() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = model_table.block_span(readme)
+    lines = model_table.table(
+        model_table.read(REPO / "conformance-reports"), model_table.legs_of_the_matrix()
+    )
+    assert readme[start:end] == "\n".join(lines) + "\n", (
+        "run: python -m conformance.model_table --readme README.md"
+    )
+
+
+def test_every_leg_of_the_matrix_is_a_column() -> None:
+    assert model_table.legs_of_the_matrix()[:3] == ["2026.10", "2025.10", "2025.3"]
+    assert "latest" in model_table.legs_of_the_matrix()
+
+
+def _run(tmp_path, leg: str, name: str, date: str, cases: dict[str, str], dtype: str = "fp32") -> None:
+    (tmp_path / leg).mkdir(exist_ok=True)
+    report = {
+        "date": date,
+        "dtype": dtype,
+        "cases": [{"case": c, "result": r, "metrics": []} for c, r in cases.items()],
+    }
+    (tmp_path / leg / f"{name}.json").write_text(json.dumps(report), encoding="utf-8")
+
+
+def test_cells_say_right_patched_refused_and_wrong(tmp_path) -> None:
+    _run(
+        tmp_path,
+        "a",
+        "shim",
+        "2026-12-01",
+        {
+            "test_forward_logits[qwen3-plain-FastLanguageModel]": "pass",
+            "test_forward_logits[qwen3-plain-FastModel]": "pass",
+            "test_forward_logits[qwen3_5-plain-FastModel]": "pass",
+            "test_lora_gradients[qwen3_5-plain-FastModel]": "pass",
+            "test_forward_logits[qwen3_next-plain-FastLanguageModel]": "refused",
+            "test_forward_logits[qwen3_moe-plain-FastModel]": "fail",
+            "test_rope_grid[llama-default-inside-96]": "pass",  # a control: no row
+        },
+    )
+    _run(
+        tmp_path,
+        "a",
+        "stock",
+        "2026-12-01",
+        {
+            "test_forward_logits[qwen3-plain-FastLanguageModel]": "pass",
+            "test_forward_logits[qwen3-plain-FastModel]": "pass",
+            "test_forward_logits[qwen3_5-plain-FastModel]": "pass",
+            "test_lora_gradients[qwen3_5-plain-FastModel]": "fail",
+        },
+    )
+    # A newer run of the same case (here in another dtype) wins over the older one.
+    _run(
+        tmp_path,
+        "a",
+        "shim.bf16",
+        "2026-12-02",
+        {"test_lora_gradients[qwen3_5-plain-FastModel]": "pass"},
+        "bf16",
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in model_table.table(model_table.read(tmp_path))}
+    assert "right: 2 pass, stock too" in rows["Qwen3"]
+    assert "patched: 2 pass with the shim, stock fails 1" in rows["Qwen3.5"]
+    assert "refused (1 cases, via FastLanguageModel)" in rows["Qwen3-Next"]
+    assert "**WRONG**: 1 of 1 cases fail with the shim (via FastModel)" in rows["Qwen3-MoE"]
+    assert rows["Qwen2 / Qwen2.5"].endswith("| - |")
