@@ -4,9 +4,9 @@
 #   1. examples/grpo_trl.py --compare-paths on Qwen3-1.7B's layers: TRL's own GRPOTrainer
 #      in bf16, and the same loop on generate_replies / reference_logits in qlora, each on
 #      the HF and the Unsloth path at once (correctness runs: they share the card);
-#   2. bench --rl: Qwen3-1.7B and Qwen3-8B, bf16 and qlora, hf / stock Unsloth / the shim,
-#      one process per path and shape, alone on the card (the bench's checkpoints are built
-#      during step 1).
+#   2. bench --rl: Qwen3-1.7B and Qwen3-8B, bf16 and qlora, stock Unsloth / the shim / hf,
+#      one process per path (Unsloth's import paid once), alone on the card (the bench's
+#      checkpoints are built during step 1).
 #
 #   examples/gpu_rl_run.sh OUT [LEG]
 #
@@ -21,8 +21,8 @@
 #   GRPO_CAP_S=200      step 1's share of it (its runs are stopped at this)
 #   RL_PROMPTS=8 RL_REPLIES=4 RL_NEW_TOKENS=64 RL_WARMUP=1 RL_STEPS=2    bench --rl's step
 #   RL_SHAPES=qwen3-1.7b,qwen3-8b  RL_PRECISIONS=bf16,qlora  RL_PATHS=unsloth,shim,hf
-#                        (hf last in each shape: its 8B rows are the slowest, and a run cut
-#                        by the budget keeps every stock-vs-shim pair it reached)
+#   RL_PROCESS_PER=path  (paths run in that order, hf last: a run cut by the budget keeps
+#                        every stock-vs-shim pair and loses hf's slowest rows first)
 #   PHASES="grpo bench"  which steps to run
 #   GRPO_SHAPE=qwen3-1.7b, BENCH_EXTRA=""   (a CPU rehearsal: GRPO_SHAPE=tiny BENCH_EXTRA="--device cpu"
 #                        RL_SHAPES=tiny-qwen3 RL_PATHS=hf RL_PRECISIONS=bf16; --compare-paths refuses
@@ -60,8 +60,9 @@ say "package at $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo "an 
 
 cache=$scratch/bench-cache
 bench_out=$scratch/bench-rl
+rm -rf "$bench_out"  # this job's reports and logs only (the checkpoints in $cache are kept)
 bench_args=(
-  --rl --process-per shape --shapes "${RL_SHAPES:-qwen3-1.7b,qwen3-8b}"
+  --rl --process-per "${RL_PROCESS_PER:-path}" --shapes "${RL_SHAPES:-qwen3-1.7b,qwen3-8b}"
   --precisions "${RL_PRECISIONS:-bf16,qlora}" --paths "${RL_PATHS:-unsloth,shim,hf}"
   --prompts "${RL_PROMPTS:-8}" --replies "${RL_REPLIES:-4}" --new-tokens "${RL_NEW_TOKENS:-64}"
   --warmup "${RL_WARMUP:-1}" --steps "${RL_STEPS:-2}" --cache-dir "$cache" --out "$bench_out"

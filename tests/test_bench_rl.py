@@ -73,6 +73,7 @@ def test_rl_sizes_and_steps_are_given_on_the_command_line() -> None:
         (["--rl", "--replies", "0"], "--replies must be positive"),
         (["--prompts", "4"], "apply to --rl only"),
         (["--qkv-bias-compare", "--process-per", "shape"], "--process-per shape applies to"),
+        (["--max-seq-bisect", "--process-per", "path"], "--process-per path applies to"),
     ],
 )
 def test_bad_rl_arguments_exit_2_with_the_problem(
@@ -94,6 +95,20 @@ def test_process_per_shape_runs_a_paths_precisions_in_one_process_and_a_shape_on
     cards = runner.card_groups(cases, settings.process_per)
     assert [{c.shape for c in g} for g in cards] == [{"qwen3-1.7b"}, {"qwen3-8b"}]
     assert [[case] for case in cases] == runner.process_groups(cases, "case")
+
+
+def test_process_per_path_runs_all_of_a_paths_cases_in_one_process_on_one_card() -> None:
+    cases, settings = _plan("--process-per", "path", "--paths", "unsloth,shim,hf")
+    processes = runner.process_groups(cases, settings.process_per)
+    assert [[c.id.removeprefix("rl-") for c in p] for p in processes] == [
+        [
+            f"{shape}-{precision}-{path}"
+            for shape in ("qwen3-1.7b", "qwen3-8b")
+            for precision in ("bf16", "qlora")
+        ]
+        for path in ("unsloth", "shim", "hf")
+    ]
+    assert runner.card_groups(cases, settings.process_per) == [cases]
 
 
 def test_dry_run_says_how_many_processes(capsys: pytest.CaptureFixture[str]) -> None:

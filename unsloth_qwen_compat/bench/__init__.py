@@ -57,9 +57,9 @@ Three other modes:
   Qwen2.5-1.5B, where 4 is too noisy to rate the gap (:data:`.planning.QKV_COMPARE_BATCH`).
 
 ``--process-per shape`` runs a path's cases of one shape (its precisions) in one worker
-process, one after another, so Unsloth's import (about 25 s a process in the committed H200
-runs) and its first-step compilation are paid once per shape instead of once per case;
-paths never share a process. Each case is reported as soon as it is done.
+process, one after another, and ``--process-per path`` all of a path's cases, so Unsloth's
+import (about 25 s a process in the committed H200 runs) is paid once per process instead
+of once per case; paths never share a process. Each case is reported as soon as it is done.
 ``--checkpoints-only`` builds the plan's checkpoints and stops (to build them ahead of a
 timed run).
 

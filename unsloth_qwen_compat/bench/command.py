@@ -96,11 +96,8 @@ def run(args: argparse.Namespace, command: str) -> int:
             print(f"[{number}/{len(cases)}] {case.describe()}, {extra}")
         where = f" on GPUs {','.join(settings.gpus)}, one row per card at a time" if settings.gpus else ""
         processes = len(process_groups(cases, settings.process_per))
-        each = (
-            "each in its own process"
-            if processes == len(cases)
-            else f"in {processes} processes (one per path and shape)"
-        )
+        per = {"shape": "path and shape", "path": "path"}.get(settings.process_per)
+        each = "each in its own process" if per is None else f"in {processes} processes (one per {per})"
         print(f"{len(cases)} cases, {each}{where}; results would go to {args.out}")
         return 0
     if settings.gpus and settings.device == "cuda" and _gpu_count() <= max(map(int, settings.gpus)):

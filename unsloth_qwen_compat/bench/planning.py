@@ -16,11 +16,11 @@ PRECISIONS = ("bf16", "qlora")
 #: Gradient checkpointing on the Unsloth paths: Unsloth's own, which keeps the checkpointed
 #: activations in host memory ("offload"), or plain checkpointing on the card ("gpu").
 CHECKPOINTING = ("offload", "gpu")
-#: What shares a worker process: each case its own, or one process per path and shape that
-#: runs the shape's precisions in turn (the import of Unsloth, about 25 s a process in the
-#: committed H200 runs, and its first-step compilation are paid once per process, not per
-#: case; the paths never share one).
-PROCESS_PER = ("case", "shape")
+#: What shares a worker process: each case its own; one process per path and shape that
+#: runs the shape's precisions in turn; or one process per path that runs all of its cases.
+#: The import of Unsloth (about 25 s a process in the committed H200 runs) is then paid
+#: once per process, not per case; the paths never share one.
+PROCESS_PER = ("case", "shape", "path")
 #: ``--rl``: room for the chat prompt in the loaders' max_length, above the new tokens.
 RL_PROMPT_ROOM = 1024
 #: ``--rl``'s default timed and warm-up steps.
@@ -83,7 +83,7 @@ class Settings:
     rounds: int = 1
     gpus: tuple[str, ...] = ()
     checkpointing: str = "offload"  # Unsloth paths: "offload" (its "unsloth" mode) or "gpu" (plain)
-    process_per: str = "case"  # case | shape (PROCESS_PER)
+    process_per: str = "case"  # case | shape | path (PROCESS_PER)
 
 
 def rl_size(prompts: int, replies: int, new_tokens: int) -> str:
@@ -184,7 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PROCESS_PER,
         default="case",
         help="case: every case in a process of its own (default); shape: one process per path and "
-        "shape runs that shape's precisions in turn, paying Unsloth's import and compilation once",
+        "shape runs that shape's precisions in turn; path: one process per path runs all its cases "
+        "(Unsloth's import paid once per process; paths never share one)",
     )
     parser.add_argument(
         "--checkpoints-only",
@@ -308,10 +309,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
                 raise argparse.ArgumentTypeError(f"--{name} must be positive")
     elif (args.prompts, args.replies, args.new_tokens) != (RL_PROMPTS, RL_REPLIES, RL_NEW_TOKENS):
         raise argparse.ArgumentTypeError("--prompts, --replies and --new-tokens apply to --rl only")
-    if args.process_per == "shape" and (args.max_seq_bisect or args.qkv_bias_compare):
+    if args.process_per != "case" and (args.max_seq_bisect or args.qkv_bias_compare):
         raise argparse.ArgumentTypeError(
-            "--process-per shape applies to the main table and --rl (a bisection or a comparison "
-            "run keeps a process per case)"
+            f"--process-per {args.process_per} applies to the main table and --rl (a bisection or a "
+            "comparison run keeps a process per case)"
         )
     gpus = parse_gpus(args.gpus) if args.gpus else ()
     if args.max_seq_bisect and not 0 < args.bisect_low <= args.bisect_high:

@@ -596,7 +596,12 @@ def _process_text(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
     if used == {"shape"}:
         return (
             "one process per path and shape, running that shape's precisions in turn (`--process-per "
-            "shape`: Unsloth's import and compilation paid once; paths never share a process)"
+            "shape`: Unsloth's import paid once per process; paths never share a process)"
+        )
+    if used == {"path"}:
+        return (
+            "one process per path, running all of its cases in turn (`--process-per path`: Unsloth's "
+            "import paid once per process; paths never share a process)"
         )
     return "a process per run or per path and shape, differing between the merged runs (see the JSON)"
 

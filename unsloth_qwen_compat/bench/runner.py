@@ -29,7 +29,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 #: How often a running worker is checked for results it has written (several cases share a
-#: process with ``--process-per shape``: each is reported as soon as it is done).
+#: process with ``--process-per shape`` or ``path``: each is reported as soon as it is done).
 POLL_SECONDS = 2.0
 
 
@@ -253,11 +253,14 @@ def case_spec(case: Case, settings: Settings, checkpoint: Path) -> dict[str, Any
 def card_groups(cases: Sequence[Case], process_per: str = "case") -> list[list[Case]]:
     """Cases that must share a card, in order: a table row's runs (shape and precision), or
     one bisection (its own process, its own card); with ``process_per`` "shape", a shape's
-    rows (its processes run all its precisions)."""
+    rows (its processes run all its precisions); with "path", every case (a process runs
+    all of a path's rows, and each row's ratios need its paths on one card)."""
     groups: dict[Any, list[Case]] = {}
     for case in cases:
         if case.mode == "bisect":
             key: Any = case.id
+        elif process_per == "path":
+            key = "all"
         elif process_per == "shape":
             key = case.shape
         else:
@@ -267,13 +270,15 @@ def card_groups(cases: Sequence[Case], process_per: str = "case") -> list[list[C
 
 
 def process_groups(cases: Sequence[Case], process_per: str = "case") -> list[list[Case]]:
-    """The cases each worker process runs, in order: one each, or (``process_per`` "shape")
-    a path's cases of one shape together, in the order of their first case."""
-    if process_per != "shape":
+    """The cases each worker process runs, in order: one each, or a path's cases of one shape
+    (``process_per`` "shape") or all of a path's cases ("path") together, in the order of
+    their first case."""
+    if process_per == "case":
         return [[case] for case in cases]
     groups: dict[Any, list[Case]] = {}
     for case in cases:
-        groups.setdefault((case.mode, case.shape, case.path, case.label, case.run), []).append(case)
+        shape = case.shape if process_per == "shape" else ""
+        groups.setdefault((case.mode, shape, case.path, case.label, case.run), []).append(case)
     return list(groups.values())
 
 
