@@ -115,23 +115,47 @@ def load(
             load_in_4bit=load_in_4bit,
         )
     except Exception as error:
-        refusal = getattr(shim, "UnsupportedConfigurationError", None)
-        if refusal is not None and isinstance(error, refusal):
+        refused = refusal(error)
+        if refused is not None:
             import pytest
 
             from conformance import refusals
 
             refusals.check(spec.family, str(error))  # an undeclared refusal fails the case
-            pytest.xfail(f"{REFUSED}: {error}")
+            pytest.xfail(refused)
         raise
 
 
 #: Prefix of the xfail reason of a case whose configuration the shim refused.
 REFUSED = "refused by unsloth_qwen_compat"
+#: The same for a refusal Unsloth raised itself (a release that refuses natively, shim off).
+REFUSED_BY_UNSLOTH = "refused by Unsloth"
+
+
+def _raised_by_unsloth(error: BaseException) -> bool:
+    """The innermost frame of the traceback is Unsloth's own code."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    root = str(Path(unsloth.__file__).resolve().parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(root)
+
+
+def refusal(error: BaseException) -> str | None:
+    """The xfail reason when ``error`` is a refusal, else None: the shim's
+    ``UnsupportedConfigurationError``, or, with the shim off, a ``NotImplementedError`` raised
+    by Unsloth's own code (how a release that fixes a defect upstream refuses what it cannot
+    train right). The contract checks each one (refusals.py, the RoPE grid's facts)."""
+    shim_refusal = getattr(shim, "UnsupportedConfigurationError", None)
+    if shim_refusal is not None and isinstance(error, shim_refusal):
+        return f"{REFUSED}: {error}"
+    if not shim_active() and isinstance(error, NotImplementedError) and _raised_by_unsloth(error):
+        return f"{REFUSED_BY_UNSLOTH}: {error}"
+    return None
 
 
 def load_or_refusal(spec: ModelSpec, max_seq_length: int, dtype: str):
-    """(model, tokenizer, None), or (None, None, the shim's refusal message)."""
+    """(model, tokenizer, None), or (None, None, the refusal: see :func:`refusal`)."""
     try:
         model, tokenizer = entry_point().from_pretrained(
             model_name=str(zoo.model_dir(spec)),
@@ -140,9 +164,9 @@ def load_or_refusal(spec: ModelSpec, max_seq_length: int, dtype: str):
             load_in_4bit=False,
         )
     except Exception as error:
-        refusal = getattr(shim, "UnsupportedConfigurationError", None)
-        if refusal is not None and isinstance(error, refusal):
-            return None, None, str(error)
+        refused = refusal(error)
+        if refused is not None:
+            return None, None, refused
         raise
     return model, tokenizer, None
 

@@ -55,7 +55,10 @@ class ConformanceReport:
         if report.when == "call" or report.outcome != "passed":
             if report.skipped:
                 result = "xfail" if hasattr(report, "wasxfail") else "skip"
-                if str(getattr(report, "wasxfail", "")).startswith("refused by unsloth_qwen_compat"):
+                # The shim's refusal, or Unsloth's own (candidate.refusal).
+                if str(getattr(report, "wasxfail", "")).startswith(
+                    ("refused by unsloth_qwen_compat", "refused by Unsloth")
+                ):
                     result = "refused"
             elif report.failed:
                 result = "fail" if report.when == "call" else "error"

@@ -1,4 +1,4 @@
-"""``python -m unsloth_qwen_compat status | doctor | upstream-report | bench | conformance`` (also the ``unsloth-qwen-compat`` script).
+"""``python -m unsloth_qwen_compat status | doctor | upstream-report | upstream-patch | bench | conformance`` (also the ``unsloth-qwen-compat`` script).
 
 The arguments are parsed before anything imports Unsloth (the package defers its
 import-time work when it is this command line: see ``_started_as_own_command_line``), so
@@ -265,6 +265,18 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         "--shim", type=Path, help="conformance.json of a run with the shim, in another report directory"
     )
     upstream.add_argument("--no-inspect", action="store_true", help=argparse.SUPPRESS)
+    upstream_patch = sub.add_parser(
+        "upstream-patch",
+        help="each needed fix as a diff against the installed Unsloth's source, with tests and a PR description",
+    )
+    upstream_patch.add_argument("--out", type=Path, required=True, help="folder to write the series into")
+    upstream_patch.add_argument(
+        "--reports",
+        type=Path,
+        help="committed conformance reports (<leg>/{stock,shim}.json, <leg>-upstream/stock.json); "
+        "default: the checkout's conformance-reports/",
+    )
+    upstream_patch.add_argument("--no-inspect", action="store_true", help=argparse.SUPPRESS)
     bench.add_arguments(
         sub.add_parser("bench", help="training throughput, peak memory and MFU: HF vs Unsloth vs the shim")
     )
@@ -288,6 +300,19 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     if args.command == "bench":
         return bench.run(args, bench.command_line(argv[1:]))
     report = collect_status(inspect=not args.no_inspect)
+    if args.command == "upstream-patch":
+        from . import upstream_patch
+        from .patches import all_patches
+
+        patches = {patch.name: patch for patch in all_patches()}
+        try:
+            written = upstream_patch.write(args.out, report, patches, args.reports)
+        except upstream_patch.SeriesError as error:
+            print(f"upstream-patch: {error}", file=sys.stderr)
+            return 2
+        print((args.out / "README.md").read_text(encoding="utf-8"), end="")
+        print(f"\nwrote {len(written)} patch(es) to {args.out}")
+        return 0
     if args.command == "upstream-report":
         from . import upstream
         from .patches import all_patches
