@@ -82,6 +82,7 @@ if [[ $phases == *grpo* ]]; then
   grpo=$scratch/grpo
   rm -rf "$grpo" && mkdir -p "$grpo"
   cap=$(( ${GRPO_CAP_S:-200} - (SECONDS - start) ))
+  (( cap < 30 )) && cap=30
   python3 "$repo/examples/grpo_trl.py" --make-checkpoint "$grpo/checkpoint" --shape "${GRPO_SHAPE:-qwen3-1.7b}" \
     >"$out/grpo-checkpoint.log" 2>&1 || say "grpo checkpoint: FAILED (log grpo-checkpoint.log)"
   for spec in trl:bf16 custom:qlora; do
