@@ -44,11 +44,12 @@ CASE = re.compile(
 FAILED = ("fail", "error")
 
 
-def read(reports: Path) -> dict[str, dict[str, dict[str, dict]]]:
+def read(reports: Path, runs_of_a_gpu_run: bool = False) -> dict[str, dict[str, dict[str, dict]]]:
     """{leg: {"shim" | "stock": {case id: case}}}, each case id from the newest run holding it
-    (runs of either kind in any dtype; mutation runs are not the leg's)."""
+    (runs of either kind in any dtype; mutation runs are not the leg's). ``runs_of_a_gpu_run``:
+    ``reports`` is what conformance/offline_legs.sh wrote (``<leg>/<run>/conformance.json``)."""
     legs: dict = {}
-    for leg, runs in raw_reports.read(reports).items():
+    for leg, runs in (_gpu_run(reports) if runs_of_a_gpu_run else raw_reports.read(reports)).items():
         for run in runs:
             if run.kind == "mutation":
                 continue
@@ -58,6 +59,27 @@ def read(reports: Path) -> dict[str, dict[str, dict[str, dict]]]:
                 if key not in cases or run.data["date"] >= cases[key]["_date"]:
                     cases[key] = {**case, "_date": run.data["date"]}
     return legs
+
+
+def _gpu_run(root: Path) -> dict[str, list[raw_reports.Run]]:
+    found: dict[str, list[raw_reports.Run]] = {}
+    for path in sorted(root.glob("*/*/conformance.json")):
+        leg = path.parent.parent.name
+        found.setdefault(leg, []).append(raw_reports.parse(path, leg, stem=path.parent.name))
+    return found
+
+
+def not_passed(legs: dict) -> list[str]:
+    """One line per case of a Qwen family that failed, errored or was refused, per leg and run,
+    with its reason (skips are the suite's own, saying why, and are left out)."""
+    lines = []
+    for leg in sorted(legs, key=raw_reports.leg_key):
+        for mode, cases in sorted(legs[leg].items()):
+            for key, case in sorted(cases.items()):
+                if CASE.fullmatch(key) and case["result"] not in ("pass", "skip"):
+                    reason = " ".join(str(case.get("reason", "")).split())[:200]
+                    lines.append(f"{leg} {mode} {case['result']}: {key} {reason}")
+    return lines
 
 
 def _by_family(cases: dict[str, dict]) -> dict[str, list[tuple[str, str, str]]]:
@@ -132,7 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.model_table", description=__doc__)
     parser.add_argument("reports", nargs="?", default=REPORTS_DIR, help=f"default: ./{REPORTS_DIR}")
     parser.add_argument("--readme", type=Path, help="rewrite the models block of this file")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        help="read a GPU run's reports instead (conformance/offline_legs.sh's output directory)",
+    )
+    parser.add_argument(
+        "--cases", action="store_true", help="then list every case that failed or was refused"
+    )
     args = parser.parse_args(argv)
+    if args.runs is not None:
+        legs = read(args.runs, runs_of_a_gpu_run=True)
+        print("\n".join(table(legs)))
+        if args.cases:
+            print(
+                "\n".join(
+                    ["", "cases that failed, errored or were refused:"] + (not_passed(legs) or ["none"])
+                )
+            )
+        return 0
     reports = Path(args.reports)
     if not reports.is_dir():
         print(f"no {reports}/ here: run this from a checkout of the repository", file=sys.stderr)

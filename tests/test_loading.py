@@ -711,3 +711,35 @@ def test_qwen3_moe_4bit_warns_that_the_paths_quantize_different_weights(tmp_path
         w for w in caught if issubclass(w.category, loading.LoaderWarning) and "Qwen3-MoE" in str(w.message)
     ]
     assert bool(moe) is expected
+
+
+def test_unsloth_path_through_fastmodel(checkpoint: Path, fake_unsloth, monkeypatch) -> None:
+    # model.unsloth_entry_point picks the class that loads, attaches LoRA and switches modes.
+    entries = []
+    monkeypatch.setattr(loading, "_unsloth_entry", lambda name: entries.append(name) or fake_unsloth)
+    config = _config(checkpoint, use_unsloth=True, unsloth_entry_point="FastModel")
+    model, _ = load_base_model(config)
+    model = attach_lora(model, config)
+    with generation_mode(model):
+        pass
+    assert entries == ["FastModel"] * 4
+    assert [call[0] for call in fake_unsloth.calls] == [
+        "from_pretrained",
+        "get_peft_model",
+        "for_inference",
+        "for_training",
+    ]
+    with pytest.raises(loading.ConfigError, match="unsloth_entry_point"):
+        load_base_model(_config(checkpoint, use_unsloth=True, unsloth_entry_point="FastVisionModel"))
+
+
+def test_a_hybrid_qwen_model_this_transformers_lacks_is_refused_before_loading(tmp_path, monkeypatch) -> None:
+    from unsloth_qwen_compat.patches import hybrid_qwen_models
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_5_text"}')
+    # A stand-in for transformers 4 (no Qwen3.5): the lookup reports the type missing.
+    monkeypatch.setattr(hybrid_qwen_models, "types_transformers_lacks", lambda types: list(types))
+    with pytest.raises(
+        hybrid_qwen_models.UnsupportedModelTypeError, match="Qwen3.5 model .model_type qwen3_5_text"
+    ):
+        load_base_model(_config(tmp_path))

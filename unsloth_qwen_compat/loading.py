@@ -114,6 +114,12 @@ class ModelSection:
     offload_checkpoints: bool = True
     trust_remote_code: bool = False
     revision: str | None = None
+    #: Unsloth path only: the class that loads, attaches LoRA and switches modes. Unsloth
+    #: documents FastModel for MoE and Qwen3.5 models; FastLanguageModel hands every type it
+    #: has no fast path for (Qwen3-MoE, the hybrids) to FastModel's loader anyway.
+    unsloth_entry_point: str = field(
+        default="FastLanguageModel", metadata=_choices("FastLanguageModel", "FastModel")
+    )
 
 
 @dataclass(frozen=True)
@@ -369,6 +375,8 @@ class LoadInfo:
     dtype: str
     load_in_4bit: bool
     offload_checkpoints: bool = True
+    #: Unsloth path: the entry point that loaded the model (attach_lora and the modes use it too).
+    entry_point: str = "FastLanguageModel"
 
 
 def load_info(model: Any) -> LoadInfo | None:
@@ -429,7 +437,11 @@ def load_base_model(
         )
     from transformers import AutoConfig
 
+    from .patches.hybrid_qwen_models import refuse_if_unbuildable
+
     assert cfg.model.name is not None
+    # Before transformers' own config lookup, which fails without saying why on an older release.
+    refuse_if_unbuildable(cfg.model.name, environment(), revision=cfg.model.revision)
     model_type = getattr(
         AutoConfig.from_pretrained(
             cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -470,6 +482,7 @@ def load_base_model(
             dtype=str(dtype).removeprefix("torch."),
             load_in_4bit=cfg.model.load_in_4bit,
             offload_checkpoints=cfg.model.offload_checkpoints,
+            entry_point=cfg.model.unsloth_entry_point,
         ),
     )
     if tokenizer.pad_token is None:
@@ -547,6 +560,20 @@ def _fast_language_model() -> Any:
     return FastLanguageModel
 
 
+def _unsloth_entry(name: str) -> Any:
+    """Unsloth's ``FastLanguageModel`` or ``FastModel`` (``model.unsloth_entry_point``)."""
+    if name == "FastModel":
+        from unsloth import FastModel
+
+        return FastModel
+    return _fast_language_model()
+
+
+def _entry_of(model: Any) -> Any:
+    info = load_info(model)
+    return _unsloth_entry(info.entry_point if info is not None else "FastLanguageModel")
+
+
 def unsloth_from_pretrained_kwargs(
     cfg: LoaderConfig,
     dtype: torch.dtype,
@@ -589,7 +616,7 @@ def unsloth_checkpointing(enabled: bool, offload: bool) -> str | bool:
 def _load_unsloth(
     cfg: LoaderConfig, dtype: torch.dtype, bnb: BitsAndBytesConfig | None, device_map: dict[str, int] | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    fast = _fast_language_model()
+    fast = _unsloth_entry(cfg.model.unsloth_entry_point)
     accepted = list(inspect.signature(fast.from_pretrained).parameters)
     kwargs = unsloth_from_pretrained_kwargs(cfg, dtype, bnb, device_map, accepted)
     if "use_exact_model_name" not in kwargs:
@@ -685,7 +712,7 @@ def attach_lora(model: PreTrainedModel, config: Mapping[str, Any] | LoaderConfig
                 LoaderWarning,
                 stacklevel=2,
             )
-        adapted = _fast_language_model().get_peft_model(
+        adapted = _entry_of(model).get_peft_model(
             model,
             r=lora.r,
             target_modules=targets,
@@ -785,7 +812,7 @@ class _TrainingState:
 def generation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Inference mode with the KV cache on inside; on exit, exactly the modes and flags from before.
 
-    Unsloth: ``FastLanguageModel.for_inference`` / ``for_training``; HF: ``model.eval()``
+    Unsloth: the entry point's ``for_inference`` / ``for_training``; HF: ``model.eval()``
     and ``config.use_cache = True``. On exit (also when generation raises) every module's
     training flag, every gradient checkpointing flag and ``use_cache`` are put back.
     """
@@ -793,7 +820,7 @@ def generation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     unsloth = framework_of(model) == UNSLOTH
     try:
         if unsloth:
-            _fast_language_model().for_inference(model)
+            _entry_of(model).for_inference(model)
         else:
             model.eval()
         for config, _ in state.use_cache:
@@ -802,7 +829,7 @@ def generation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         try:
             if unsloth:
-                _fast_language_model().for_training(model)
+                _entry_of(model).for_training(model)
         finally:
             state.restore(model)
 

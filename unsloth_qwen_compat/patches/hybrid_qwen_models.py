@@ -62,6 +62,15 @@ def checkpoint_config(model_name: str, bound: dict[str, Any]) -> dict[str, Any] 
     return config
 
 
+def refuse_if_unbuildable(model_name: str, env: Environment, **hub: Any) -> None:
+    """Raise :class:`UnsupportedModelTypeError` when ``model_name`` is a hybrid Qwen checkpoint
+    the installed transformers has no model for (``hub``: ``token``, ``revision``)."""
+    config = checkpoint_config(model_name, hub) if model_name else None
+    missing = types_transformers_lacks(hybrid_model_types_of(config)) if config else []
+    if missing:
+        raise UnsupportedModelTypeError(refusal_message(model_name, missing, env))
+
+
 def refusing_unbuildable(from_pretrained: Any, env: Environment) -> Any:
     signature = inspect.signature(from_pretrained)
 
@@ -69,10 +78,7 @@ def refusing_unbuildable(from_pretrained: Any, env: Environment) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind_partial(*args, **kwargs).arguments
         name = bound.get("model_name", signature.parameters["model_name"].default)
-        config = checkpoint_config(str(name), bound) if name else None
-        missing = types_transformers_lacks(hybrid_model_types_of(config)) if config else []
-        if missing:
-            raise UnsupportedModelTypeError(refusal_message(str(name), missing, env))
+        refuse_if_unbuildable(str(name or ""), env, token=bound.get("token"), revision=bound.get("revision"))
         return from_pretrained(*args, **kwargs)
 
     wrapper.__unsloth_qwen_compat__ = True  # type: ignore[attr-defined]
