@@ -6,7 +6,8 @@
 #   e.g. conformance/offline_legs.sh /tmp/reports 2026.10 2025.10 2025.3:bf16 -- -m rope
 #
 # Wheels: .whl-common/ (shared runtime packages) and .whl-<LEG>/ (the leg's pins, as tox.ini
-# lists them; a skip.txt there names common packages that leg must not get). Each leg is
+# lists them; a skip.txt there names common packages that leg must not get; a base.txt names
+# a leg whose wheels it takes where it has none of its own). Each leg is
 # installed with --no-deps into its own folder, put first on PYTHONPATH, so its transformers
 # shadows the machine's while torch comes from the machine. Each run gets its own working
 # directory (Unsloth writes a compile cache there) and REPORT_ROOT/<LEG>/<stock|shim>/.
@@ -45,6 +46,16 @@ for spec in "${legs[@]}"; do
     wheels=("$repo/.whl-$leg"/*.whl)
     own=$(for w in "${wheels[@]}"; do basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_'; done)
     skip=$(cat "$repo/.whl-$leg/skip.txt" 2>/dev/null)
+    # A base.txt naming another leg: this leg is that one with the pins of its own folder
+    # (latest = 2026.10 with newer transformers / trl), so its folder holds only those.
+    base=$(cat "$repo/.whl-$leg/base.txt" 2>/dev/null)
+    if [[ -n $base ]]; then
+      for w in "$repo/.whl-$base"/*.whl; do
+        name=$(basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
+        grep -qx "$name" <<<"$own" || { wheels+=("$w"); own+=$'\n'"$name"; }
+      done
+      skip+=$'\n'$(cat "$repo/.whl-$base/skip.txt" 2>/dev/null)
+    fi
     for w in "$repo"/.whl-common/*.whl; do
       name=$(basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
       grep -qx "$name" <<<"$own"$'\n'"$skip" || wheels+=("$w")
