@@ -228,3 +228,13 @@ def test_an_adapter_directory_resolves_to_its_qwen3_base(tmp_path) -> None:
     bound.apply_defaults()
     assert reg._resolve(bound, _StandInLoader()) == ("qwen3", base, None)
     assert reg._tokenizer_source(str(adapter)) is None  # no tokenizer files: the base's is used
+
+
+def test_fastmodel_refuses_qwen3_moe_where_fastlanguagemodel_does(tmp_path) -> None:
+    # FastModel's from_pretrained (the generic path) gets the same Qwen3-MoE refusal on an
+    # Unsloth without FastQwen3MoeModel, and every other model goes to it unchanged.
+    wrapper = reg._refusing_qwen3_moe(_stock_from_pretrained, _StandInLoader())
+    qwen3 = _save_tiny(tmp_path, "qwen3")
+    assert wrapper(qwen3, max_seq_length=512) == ("stock", qwen3)
+    with pytest.raises(UnsupportedConfigurationError, match="no Qwen3-MoE support"):
+        wrapper(_save_tiny(tmp_path, "qwen3_moe"))
