@@ -15,7 +15,8 @@
 # (each replaces the committed run of the same kind and dtype: it says which cases that drops).
 #   CONFORMANCE_SELECT   the pytest -k expression (default below)
 #   CONFORMANCE_WORKERS  pytest-xdist workers per run (default 3; four runs share the machine)
-#   CONFORMANCE_TIMEOUT  seconds before a run is interrupted, its report still written (default 480)
+#   CONFORMANCE_TIMEOUT  seconds before a run is interrupted, its report still written (default 450,
+#                      so install + runs + table end within 10 minutes)
 set -uo pipefail
 out=${1:?usage: conformance/gpu_models_run.sh OUT [LEG[:DTYPE] ...]}
 shift
@@ -24,7 +25,7 @@ legs=("$@")
 repo=$(cd "$(dirname "$0")/.." && pwd)
 select=${CONFORMANCE_SELECT:-qwen3_5 or qwen3_next or test_lora_target_typo}
 start=$SECONDS
-CONFORMANCE_TIMEOUT=${CONFORMANCE_TIMEOUT:-480} "$repo/conformance/offline_legs.sh" "$out" "${legs[@]}" -- \
+CONFORMANCE_TIMEOUT=${CONFORMANCE_TIMEOUT:-450} "$repo/conformance/offline_legs.sh" "$out" "${legs[@]}" -- \
   -k "$select" -n "${CONFORMANCE_WORKERS:-3}" --dist loadgroup
 echo "== $((SECONDS - start)) s; models x legs of this run (shim runs; stock beside them):"
 PYTHONPATH=$repo python3 -m conformance.model_table --runs "$out" --cases
