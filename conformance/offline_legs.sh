@@ -2,8 +2,12 @@
 # Run the conformance suite (or part of it) on several legs at once, stock Unsloth and the
 # shim side by side, on a GPU machine with no network and the CUDA torch already installed.
 #
-#   conformance/offline_legs.sh REPORT_ROOT LEG[:DTYPE] ... [-- PYTEST_ARGS]
+#   conformance/offline_legs.sh REPORT_ROOT LEG[:DTYPE][@MODE[+MODE]] ... [-- PYTEST_ARGS]
 #   e.g. conformance/offline_legs.sh /tmp/reports 2026.10 2025.10 2025.3:bf16 -- -m rope
+#        conformance/offline_legs.sh /tmp/reports 2026.10@shim 2026.10-upstream@stock
+# (@MODES: this leg's runs, shim and/or stock; default $CONFORMANCE_MODES, else both).
+# Leg 2026.10-upstream is Unsloth with the upstream patch series applied
+# (conformance/build_patched_unsloth.sh .whl-2026.10 .whl-2026.10-upstream).
 #
 # Wheels: .whl-common/ (shared runtime packages) and .whl-<LEG>/ (the leg's pins, as tox.ini
 # lists them; a skip.txt there names common packages that leg must not get; a base.txt names
@@ -38,9 +42,16 @@ launch() {  # LEG MODE DTYPE SITE MUTATION PYTEST_ARGS...
   pids+=($!)
 }
 for spec in "${legs[@]}"; do
+  modes=${CONFORMANCE_MODES:-shim stock}
+  if [[ $spec == *@* ]]; then
+    modes=${spec#*@}
+    modes=${modes//+/ }
+    spec=${spec%%@*}
+  fi
   leg=${spec%%:*}
   dtype=fp32
   [[ $spec == *:* ]] && dtype=${spec#*:}
+  [[ -d $repo/.whl-$leg ]] || { echo "leg $leg: no wheel folder .whl-$leg"; continue; }
   site=${TMPDIR:-/tmp}/conformance-leg-$leg
   if [[ ! -d $site ]]; then
     wheels=("$repo/.whl-$leg"/*.whl)
@@ -63,10 +74,10 @@ for spec in "${legs[@]}"; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" ||
       { echo "leg $leg: install failed"; continue; }
   fi
-  for mode in ${CONFORMANCE_MODES:-shim stock}; do
+  for mode in $modes; do
     launch "$leg" "$mode" "$dtype" "$site" "" "$@"
   done
-  # CONFORMANCE_MODES picks the runs (default "shim stock"); CONFORMANCE_TIMEOUT (s)
+  # CONFORMANCE_MODES (or LEG@MODES) picks the runs (default "shim stock"); CONFORMANCE_TIMEOUT (s)
   # interrupts a run, which still writes its report.
   # CONFORMANCE_MUTATIONS="NAME=KEXPR ...": the shim run again with each deliberate defect
   # (conformance/mutations.py) on the cases KEXPR selects (a pytest -k expression, + for

@@ -101,7 +101,7 @@ def models() -> dict[str, zoo.ModelSpec]:
 
 
 def _yarn_factor(spec: zoo.ModelSpec) -> float:
-    """YaRN's factor as the installed transformers applies it (before 4.53 it is derived as
+    """YaRN's factor as the installed transformers applies it (before 4.56 it is derived as
     max_position_embeddings / original when the original window is given)."""
     scaling = spec.scaling
     if "original_max_position_embeddings" in scaling and yarn_factor_derived():

@@ -238,7 +238,7 @@ def test_extended_config_given_to_transformers_computes_the_grown_table() -> Non
 
 
 def test_yarn_factor_derived_from_the_window_on_old_transformers(monkeypatch) -> None:
-    # transformers < 4.53 ignores YaRN's factor when the original window is given:
+    # transformers < 4.56 ignores YaRN's factor when the original window is given:
     # factor = max_position_embeddings / original, so the config covers max_position_embeddings.
     monkeypatch.setattr(rope_contract, "_YARN_DERIVES_FACTOR", True)
     config = qwen3_config(scaling_for("yarn"))

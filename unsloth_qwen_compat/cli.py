@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     upstream_patch.add_argument(
         "--reports",
         type=Path,
-        help="committed conformance reports (<leg>/{stock,shim}.json, <leg>-upstream/stock.json); "
-        "default: the checkout's conformance-reports/",
+        help="the committed raw conformance reports (<leg>/{stock,shim}.json, <leg>-upstream/stock.json); "
+        "default: those of the checkout this package runs from",
     )
     upstream_patch.add_argument("--no-inspect", action="store_true", help=argparse.SUPPRESS)
     bench.add_arguments(

@@ -143,7 +143,7 @@ def length_dependence(config: Any, max_seq_length: int) -> int | None:
 
 
 def _yarn_factor(config: Any) -> float:
-    """YaRN's stretch as transformers applies it: releases before 4.53 derive it from
+    """YaRN's stretch as transformers applies it: releases before 4.56 derive it from
     max_position_embeddings / original whenever the original window is given."""
     scaling = rope_scaling_of(config)
     factor = scaling.get("factor")
@@ -188,7 +188,7 @@ def coverage(config: Any) -> int:
     - plain RoPE, and any type not named here: ``max_position_embeddings``;
     - linear: ``factor x max_position_embeddings`` (positions are divided by the factor);
     - yarn: ``factor x original`` (original: ``original_max_position_embeddings``, else
-      ``max_position_embeddings``; before transformers 4.53 the factor is derived as
+      ``max_position_embeddings``; before transformers 4.56 the factor is derived as
       ``max_position_embeddings / original``, so it covers ``max_position_embeddings``);
     - llama3: ``factor x original_max_position_embeddings``;
     - dynamic: ``max_position_embeddings`` (one table up to there; past it the table changes

@@ -1,0 +1,167 @@
+"""The retire proof's comparison and merge (conformance/upstream_proof.py), the proof scripts'
+plumbing, and the RoPE table of a leg run only without the shim, on made-up reports (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conformance import rope_table, upstream_proof
+
+from .conftest import REPO
+
+
+def _case(name, result, **metrics):
+    return {
+        "case": name,
+        "nodeid": f"conformance/x.py::{name}",
+        "result": result,
+        "metrics": [{"metric": k, "value": v, "bound": 1e-5} for k, v in metrics.items()],
+        "reason": "" if result == "pass" else f"{result} because",
+        "seconds": 1.0,
+    }
+
+
+def _report(cases, unsloth="2026.10.9", enabled=True, args=("-m", "rope")):
+    counts: dict[str, int] = {}
+    for case in cases:
+        counts[case["result"]] = counts.get(case["result"], 0) + 1
+    return {
+        "date": "2026-12-02T00:00:00+00:00",
+        "device": "cuda",
+        "dtype": "fp32",
+        "candidate_mode": "gpu",
+        "mutation": "",
+        "pytest_args": list(args),
+        "versions": {"unsloth": unsloth, "transformers": "5.17.0", "gpu": "NVIDIA H200"},
+        "shim": {"installed": True, "enabled": enabled},
+        "finished": "2026-12-02T00:05:00+00:00",
+        "seconds": 300.0,
+        "counts": counts,
+        "cases": cases,
+    }
+
+
+QWEN = "test_rope_grid[qwen3-yarn-past_coverage-407-FastLanguageModel]"
+CONTROL = "test_rope_grid[llama-dynamic-past_coverage-203-FastLanguageModel]"
+TYPO = "test_lora_target_typo_is_rejected[qwen2-plain-FastLanguageModel]"
+
+
+def test_the_same_outcomes_prove_it_and_a_refused_control_is_explained() -> None:
+    shim = _report(
+        [
+            _case(QWEN + "@rope_grid-qwen3", "pass", logits_rel_vs_exposed=1.3e-6),
+            _case(CONTROL, "pass", control_shim_vs_stock_max_abs=0.0),
+            _case(TYPO, "pass", typo_accepted=0),
+        ]
+    )
+    upstream = _report(
+        [
+            _case(QWEN + "@rope_grid-qwen3", "pass", logits_rel_vs_exposed=1.4e-6),
+            _case(CONTROL, "refused"),  # the series holds Llama to the contract too
+            _case(TYPO, "pass", typo_accepted=0),
+        ],
+        unsloth="2026.10.9+qwencompat",
+        enabled=False,
+    )
+    result = upstream_proof.compare(shim, upstream)
+    assert result["proven"]
+    assert result["counts"] == {"same": 2, "explained: control held to the contract, refused": 1}
+    assert result["largest_metric_ratio_of_same_cases"] == pytest.approx(1.4 / 1.3)
+    text = upstream_proof.render(result)
+    assert "PROVEN" in text and "NOT PROVEN" not in text
+
+
+@pytest.mark.parametrize(
+    ("shim_result", "upstream_result", "verdict", "proven"),
+    [
+        ("pass", "fail", "FAILS in the patched run", False),
+        ("pass", "refused", "DIFFERENT", False),  # a Qwen cell refused where the shim trained it
+        ("refused", "pass", "DIFFERENT", False),
+        ("fail", "pass", "better in the patched run", True),
+    ],
+)
+def test_a_qwen_case_that_ends_otherwise(shim_result, upstream_result, verdict, proven) -> None:
+    result = upstream_proof.compare(
+        _report([_case(QWEN, shim_result)]), _report([_case(QWEN, upstream_result)], enabled=False)
+    )
+    assert result["counts"] == {verdict: 1} and result["proven"] is proven
+
+
+def test_nothing_in_common_proves_nothing() -> None:
+    result = upstream_proof.compare(_report([_case(QWEN, "pass")]), _report([_case(TYPO, "pass")]))
+    assert not result["proven"]
+    assert result["counts"] == {"only in the shim run": 1, "only in the patched run": 1}
+
+
+def test_merge_joins_parts_and_refuses_overlaps(tmp_path) -> None:
+    a = _report([_case(QWEN, "pass"), _case(CONTROL, "refused")], args=("-m", "rope"))
+    b = _report([_case(TYPO, "pass")], args=("-m", "not rope"))
+    merged = upstream_proof.merge([a, b], ["a.json", "b.json"])
+    assert merged["counts"] == {"pass": 2, "refused": 1}
+    assert merged["pytest_args"] == ["-m", "rope", "-m", "not rope"]
+    assert [m["source"] for m in merged["merged_from"]] == ["a.json", "b.json"]
+    assert merged["seconds"] == 600.0
+    with pytest.raises(ValueError, match="is in both"):
+        upstream_proof.merge([a, a], ["a.json", "again.json"])
+    with pytest.raises(ValueError, match="another Unsloth"):
+        upstream_proof.merge([a, _report([_case(TYPO, "pass")], unsloth="2025.10.12")], ["a", "c"])
+
+
+def test_the_command_line_writes_the_comparison_and_exits_by_the_verdict(tmp_path) -> None:
+    shim, upstream = tmp_path / "shim.json", tmp_path / "upstream.json"
+    shim.write_text(json.dumps(_report([_case(QWEN, "pass")])))
+    upstream.write_text(json.dumps(_report([_case(QWEN, "fail")], enabled=False)))
+    command = [sys.executable, "-m", "conformance.upstream_proof", "compare", str(shim), str(upstream)]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr
+    assert "NOT PROVEN" in done.stdout
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["counts"] == {
+        "FAILS in the patched run": 1
+    }
+
+
+def test_the_proof_scripts_parse_and_name_their_parts(tmp_path) -> None:
+    for script in ("upstream_proof.sh", "build_patched_unsloth.sh", "offline_legs.sh"):
+        done = subprocess.run(
+            ["bash", "-n", str(REPO / "conformance" / script)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, (script, done.stderr)
+    done = subprocess.run(
+        ["bash", str(REPO / "conformance" / "upstream_proof.sh"), str(tmp_path), "nonsense"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "PART must be defects, rest or all" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before building or running anything
+
+
+def test_a_leg_run_without_the_shim_shows_what_unsloth_did_alone(tmp_path) -> None:
+    stock_only = _report(
+        [
+            _case(
+                "test_rope_grid[qwen3-yarn-past_coverage-407-FastLanguageModel]",
+                "pass",
+                logits_rel_vs_exposed=1e-6,
+            ),
+            _case("test_rope_grid[qwen3-yarn-inside-86-FastLanguageModel]", "pass", logits_rel=1e-6),
+            _case("test_rope_grid[qwen3-dynamic-past_coverage-270-FastLanguageModel]", "refused"),
+            _case("test_rope_grid[llama-dynamic-past_coverage-203-FastLanguageModel]", "refused"),
+            _case("test_rope_grid[llama-yarn-inside-103-FastLanguageModel]", "pass", logits_rel=1e-6),
+        ],
+        unsloth="2026.10.9+qwencompat",
+        enabled=False,
+    )
+    (tmp_path / "2026.10-upstream").mkdir()
+    (tmp_path / "2026.10-upstream" / "stock.json").write_text(json.dumps(stock_only))
+    lines = rope_table.table(rope_table.read(tmp_path))
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| ")}
+    assert "inside M: right; past coverage: extended" in rows["| `yarn`"]
+    assert "past coverage: refused" in rows["| `dynamic`"]
+    assert "stock:" not in rows["| `yarn`"]  # its stock run is the column itself
+    assert lines[-1].endswith("2026.10-upstream: llama 2/2.")
