@@ -5,8 +5,8 @@
 #   e.g. conformance/build_patched_unsloth.sh .whl-2026.10 .whl-2026.10-upstream
 #
 # OUT_DIR gets unsloth-<release>+qwencompat (the series of unsloth_qwen_compat/upstream_series/
-# applied to the unpacked wheel, RECORD rewritten), WHEEL_DIR's other wheels and skip.txt, and
-# patched.json. Then `conformance/offline_legs.sh REPORTS 2026.10-upstream@stock` runs the suite
+# applied to the unpacked wheel, RECORD rewritten), patched.json, and base.txt naming the leg
+# of WHEEL_DIR (.whl-<leg>), whose other wheels offline_legs.sh then takes. Then `conformance/offline_legs.sh REPORTS 2026.10-upstream@stock` runs the suite
 # on it with the shim disabled (see conformance/upstream_proof.sh). Needs python3 and git or patch.
 set -euo pipefail
 exec python3 "$(dirname "$0")/patched_wheel.py" "$@"

@@ -8,8 +8,10 @@ pins). The Unsloth wheel is unpacked, every diff of
 order) is applied with ``git apply`` (``patch -p1`` where git is missing), and the tree is
 packed again as ``unsloth-<release>+qwencompat`` (the series' local version; RECORD rewritten).
 OUT_DIR (e.g. ``.whl-2026.10-upstream``, the leg ``2026.10-upstream`` of offline_legs.sh) gets
-that wheel, the other wheels and ``skip.txt`` of WHEEL_DIR, and ``patched.json``: the source
-wheel and every diff with their sha256. Nothing is written to OUT_DIR unless every diff applies.
+that wheel and ``patched.json`` (the source wheel and every diff, with their sha256), and, where
+WHEEL_DIR is a leg's folder ``.whl-<leg>``, a ``base.txt`` naming that leg (offline_legs.sh
+then takes the leg's other wheels from it); from any other folder, its other wheels and
+``skip.txt`` are copied instead. Nothing is written to OUT_DIR unless every diff applies.
 
 Reads the series by path and imports neither Unsloth nor unsloth_qwen_compat, so it runs with
 any python3 (the GPU machine's, before anything is installed).
@@ -161,11 +163,15 @@ def build(wheel_dir: Path, out_dir: Path, only: list[str] | None = None) -> Path
         staging = Path(scratch) / "out"
         staging.mkdir()
         wheel = repack(tree, version, series["local_version"], tags, staging)
-        for other in sorted(wheel_dir.glob("*.whl")):
-            if other != source:
-                shutil.copy2(other, staging / other.name)
-        if (wheel_dir / "skip.txt").is_file():
-            shutil.copy2(wheel_dir / "skip.txt", staging / "skip.txt")
+        if wheel_dir.name.startswith(".whl-"):
+            # A leg's folder: the new leg is that one with this Unsloth (offline_legs.sh's base.txt).
+            (staging / "base.txt").write_text(wheel_dir.name[len(".whl-") :] + "\n", encoding="utf-8")
+        else:
+            for other in sorted(wheel_dir.glob("*.whl")):
+                if other != source:
+                    shutil.copy2(other, staging / other.name)
+            if (wheel_dir / "skip.txt").is_file():
+                shutil.copy2(wheel_dir / "skip.txt", staging / "skip.txt")
         (staging / "patched.json").write_text(
             json.dumps(
                 {

@@ -185,6 +185,18 @@ def test_the_patched_wheel_is_a_wheel_of_the_local_version(built) -> None:
     )
 
 
+def test_from_a_legs_folder_the_patched_leg_takes_the_rest_from_it(wheel_dir, tmp_path) -> None:
+    leg = tmp_path / ".whl-2026.10"
+    shutil.copytree(wheel_dir, leg)
+    (leg / "peft-0.21.2-py3-none-any.whl").write_bytes(b"a pin of the leg")  # stands in for its pins
+    out = tmp_path / ".whl-2026.10-upstream"
+    patched_wheel.build(leg, out)
+    assert (out / "base.txt").read_text() == "2026.10\n"  # offline_legs.sh: the rest from .whl-2026.10
+    assert sorted(p.name for p in out.glob("*.whl")) == [
+        f"unsloth-{_series()['local_version']}-py3-none-any.whl"
+    ]
+
+
 def test_a_diff_that_does_not_apply_leaves_no_output(wheel_dir, tmp_path, monkeypatch) -> None:
     broken = tmp_path / "series" / RELEASE
     shutil.copytree(SERIES_DIR, broken)
