@@ -58,6 +58,17 @@ def entry_point():
     """The Unsloth class the cases go through now."""
     return ENTRY_POINTS[_entry_point]
 
+#: Run on every model the candidate loads, and on every model it attaches LoRA to. Empty but
+#: for a mutation run: conformance/mutations.py puts deliberate defects here.
+AFTER_LOAD: list = []
+AFTER_LORA: list = []
+
+
+def _loaded(pair):
+    for hook in AFTER_LOAD:
+        hook(pair[0])
+    return pair
+
 
 def mode() -> str:
     """'gpu' for Unsloth's real code path, 'cpu-fallback' where it runs stock HF code."""
@@ -108,11 +119,13 @@ def load(
     the case ends as ``refused`` with the shim's message: neither a pass nor a silent skip.
     """
     try:
-        return entry_point().from_pretrained(
-            model_name=str(path or zoo.model_dir(spec)),
-            max_seq_length=max_seq_length,
-            dtype=TORCH_DTYPES["bf16" if load_in_4bit else dtype],
-            load_in_4bit=load_in_4bit,
+        return _loaded(
+            entry_point().from_pretrained(
+                model_name=str(path or zoo.model_dir(spec)),
+                max_seq_length=max_seq_length,
+                dtype=TORCH_DTYPES["bf16" if load_in_4bit else dtype],
+                load_in_4bit=load_in_4bit,
+            )
         )
     except Exception as error:
         refused = refusal(error)
@@ -157,11 +170,13 @@ def refusal(error: BaseException) -> str | None:
 def load_or_refusal(spec: ModelSpec, max_seq_length: int, dtype: str):
     """(model, tokenizer, None), or (None, None, the refusal: see :func:`refusal`)."""
     try:
-        model, tokenizer = entry_point().from_pretrained(
-            model_name=str(zoo.model_dir(spec)),
-            max_seq_length=max_seq_length,
-            dtype=TORCH_DTYPES[dtype],
-            load_in_4bit=False,
+        model, tokenizer = _loaded(
+            entry_point().from_pretrained(
+                model_name=str(zoo.model_dir(spec)),
+                max_seq_length=max_seq_length,
+                dtype=TORCH_DTYPES[dtype],
+                load_in_4bit=False,
+            )
         )
     except Exception as error:
         refused = refusal(error)
@@ -232,7 +247,7 @@ def load_adapter_tensors(model, adapter_dir: str) -> int:
 
 
 def attach_lora(model, r: int, alpha: int, targets: list[str]):
-    return entry_point().get_peft_model(
+    model = entry_point().get_peft_model(
         model,
         r=r,
         lora_alpha=alpha,
@@ -242,6 +257,9 @@ def attach_lora(model, r: int, alpha: int, targets: list[str]):
         use_gradient_checkpointing="unsloth",
         random_state=3407,
     )
+    for hook in AFTER_LORA:
+        hook(model)
+    return model
 
 
 class ModelCache:

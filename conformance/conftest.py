@@ -231,19 +231,13 @@ class Recorder:
     def __init__(self, node) -> None:
         self._node = node
 
-    def __call__(self, metric: str, value: float, bound: float, dtype: str, ok: bool) -> None:
-        self._node.user_properties.append(
-            (
-                report.PROPERTY,
-                {
-                    "metric": metric,
-                    "value": float(value),
-                    "bound": bound,
-                    "dtype": dtype,
-                    "ok": bool(ok),
-                },
-            )
-        )
+    def __call__(
+        self, metric: str, value: float, bound: float, dtype: str, ok: bool, peer: float | None = None
+    ) -> None:
+        entry = {"metric": metric, "value": float(value), "bound": bound, "dtype": dtype, "ok": bool(ok)}
+        if peer is not None:  # a rounding bound: the peer's (HF in the same dtype) own error
+            entry["peer"] = float(peer)
+        self._node.user_properties.append((report.PROPERTY, entry))
 
     def note(self, label: str, value: float) -> None:
         """A number worth reporting that has no bound (e.g. how many tokens were compared)."""

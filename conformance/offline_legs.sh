@@ -26,7 +26,7 @@ while [[ $# -gt 0 && $1 != "--" ]]; do legs+=("$1"); shift; done
 repo=$(cd "$(dirname "$0")/.." && pwd)
 pids=()
 
-launch() {  # LEG MODE DTYPE SITE MUTATION PYTEST_ARGS...
+launch() {  # RUN MODE DTYPE SITE MUTATION PYTEST_ARGS...  (RUN: the leg, or LEG-DTYPE)
   local leg=$1 mode=$2 dtype=$3 site=$4 mutation=$5
   shift 5
   local out=$root/$leg/$mode work=${TMPDIR:-/tmp}/conformance-run-$leg-$mode disable=0
@@ -34,7 +34,7 @@ launch() {  # LEG MODE DTYPE SITE MUTATION PYTEST_ARGS...
   mkdir -p "$out" "$work"
   (
     cd "$work" &&
-      PYTHONPATH=$site:$repo CONFORMANCE_CACHE=${TMPDIR:-/tmp}/conformance-cache-$leg \
+      PYTHONPATH=$site:$repo CONFORMANCE_CACHE=${TMPDIR:-/tmp}/conformance-cache-${leg%%-*} \
       CONFORMANCE_DTYPE=$dtype UNSLOTH_QWEN_COMPAT_DISABLE=$disable CONFORMANCE_MUTATION=$mutation \
       PYTHONUNBUFFERED=1 timeout -s INT -k 30 "${CONFORMANCE_TIMEOUT:-3000}" python3 -m conformance --report "$out" -p no:cacheprovider "$@" >"$out/log.txt" 2>&1
     echo "$leg $mode: exit $?" >>"$root/exits.txt"
@@ -49,11 +49,16 @@ for spec in "${legs[@]}"; do
     spec=${spec%%@*}
   fi
   leg=${spec%%:*}
-  dtype=fp32
+  default=fp32
+  [[ $leg == 2025.3* ]] && default=bf16 # Unsloth 2025.3.x refuses fp32 models (as tox.ini)
+  dtype=$default
   [[ $spec == *:* ]] && dtype=${spec#*:}
   [[ -d $repo/.whl-$leg ]] || { echo "leg $leg: no wheel folder .whl-$leg"; continue; }
   site=${TMPDIR:-/tmp}/conformance-leg-$leg
-  if [[ ! -d $site ]]; then
+  # Installed once per leg, under a lock: several invocations may share it (e.g. one per dtype).
+  if ! (
+    flock 9
+    [[ -d $site ]] && exit 0
     wheels=("$repo/.whl-$leg"/*.whl)
     own=$(for w in "${wheels[@]}"; do basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_'; done)
     skip=$(cat "$repo/.whl-$leg/skip.txt" 2>/dev/null)
@@ -71,11 +76,17 @@ for spec in "${legs[@]}"; do
       name=$(basename "$w" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
       grep -qx "$name" <<<"$own"$'\n'"$skip" || wheels+=("$w")
     done
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" ||
-      { echo "leg $leg: install failed"; continue; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site.partial" "${wheels[@]}" &&
+      mv "$site.partial" "$site"
+  ) 9>"$site.lock"; then
+    echo "leg $leg: install failed"
+    continue
   fi
+  # LEG:DTYPE other than the leg's own reports under REPORT_ROOT/LEG-DTYPE/.
+  run=$leg
+  [[ $dtype != "$default" ]] && run=$leg-$dtype
   for mode in $modes; do
-    launch "$leg" "$mode" "$dtype" "$site" "" "$@"
+    launch "$run" "$mode" "$dtype" "$site" "" "$@"
   done
   # CONFORMANCE_MODES (or LEG@MODES) picks the runs (default "shim stock"); CONFORMANCE_TIMEOUT (s)
   # interrupts a run, which still writes its report.
@@ -83,7 +94,7 @@ for spec in "${legs[@]}"; do
   # (conformance/mutations.py) on the cases KEXPR selects (a pytest -k expression, + for
   # spaces); each case that goes through the mutated code must fail.
   for mutation in ${CONFORMANCE_MUTATIONS:-}; do
-    launch "$leg" "mutation-${mutation%%=*}" "$dtype" "$site" "${mutation%%=*}" "$@" \
+    launch "$run" "mutation-${mutation%%=*}" "$dtype" "$site" "${mutation%%=*}" "$@" \
       -p conformance.mutations -k "$(tr + ' ' <<<"${mutation#*=}")"
   done
 done

@@ -41,7 +41,7 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if zoo.transformers_major() >= 5 else {"torch_dtype": dtype}
 
 
-def _load_model(request: dict):
+def _load_model(request: dict, with_adapter: bool = True):
     from transformers import AutoModelForCausalLM
 
     path = zoo.model_dir(zoo.by_name(request["model"]))
@@ -63,12 +63,52 @@ def _load_model(request: dict):
         model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0}, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(request["device"])
+    if with_adapter and request.get("adapter_dir"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, request["adapter_dir"])
+    model.eval()
+    return model
+
+
+def needs_truth(request: dict) -> bool:
+    """Reduced precision (or 4-bit) references carry an fp32 truth: bounds come from rounding."""
+    return request["dtype"] != "fp32" or bool(request.get("quantization"))
+
+
+def _truth_model(request: dict, peer=None):
+    """HF in fp32 on the weights ``request``'s model computes with: every parameter rounded to
+    the request's dtype and, for a 4-bit request, the quantized weights dequantized from
+    ``peer`` (the loaded 4-bit model). The truth then differs from the peer (HF in the
+    request's precision) by compute rounding alone, which is what the bound is made of."""
+    model = _load_model({**request, "dtype": "fp32", "quantization": None}, with_adapter=False)
+    dtype = DTYPES["bf16" if request.get("quantization") else request["dtype"]]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(dtype).float())
+        if request.get("quantization"):
+            _copy_dequantized(peer, model)
     if request.get("adapter_dir"):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, request["adapter_dir"])
     model.eval()
     return model
+
+
+def _copy_dequantized(quantized, model) -> None:
+    import bitsandbytes as bnb
+
+    modules = dict(model.named_modules())
+    copied = 0
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            # Under a PEFT LoRA layer the 4-bit module is its .base_layer.
+            modules[name.removesuffix(".base_layer")].weight.copy_(weight.float())
+            copied += 1
+    if copied == 0:
+        raise RuntimeError("4-bit reference: no Linear4bit module to dequantize")
 
 
 def _rope_config(path, rope: dict):
@@ -117,6 +157,12 @@ def run_forward(request: dict, job: dict) -> dict:
     result = {"input_ids": ids, "logits": logits[0].float().cpu()}
     if request.get("quantization"):
         result["quantized_modules"] = quantized_module_names(model)
+    if needs_truth(request):
+        truth = _truth_model(request, peer=model)
+        with torch.no_grad():
+            result["truth"] = {
+                "logits": truth(input_ids=ids.to(request["device"]), use_cache=False).logits[0].float().cpu()
+            }
     return result
 
 
@@ -146,18 +192,34 @@ def run_lora(request: dict, job: dict) -> dict:
             if "lora_B" in name:
                 param.mul_(request["b_scale"])
     model.save_pretrained(job["adapter_out"])
+    ids = inputs.random_ids(request["seed"], request["batch"], request["seq_len"], high).to(request["device"])
+    result = {"input_ids": ids.cpu(), **_loss_and_grads(model, ids, request), "adapter_dir": job["adapter_out"]}
+    if needs_truth(request):
+        from peft import PeftModel
+
+        base = model.get_base_model() if request.get("quantization") else None
+        truth = _truth_model({**request, "adapter_dir": None}, peer=base)
+        truth = PeftModel.from_pretrained(truth, job["adapter_out"], is_trainable=True)
+        result["truth"] = _loss_and_grads(truth, ids, {"dtype": "fp32"})
+    return result
+
+
+def _loss_and_grads(model, ids, request: dict) -> dict:
+    """Loss and LoRA gradients of one training step, under bf16 autocast where the request
+    says so (as a Trainer with bf16=True runs it, and as the candidate's fused-QKV cases do)."""
+    import contextlib
 
     model.train()  # lora_dropout is 0, so train mode changes nothing numerically
-    ids = inputs.random_ids(request["seed"], request["batch"], request["seq_len"], high).to(request["device"])
-    loss = model(input_ids=ids, labels=ids).loss
+    autocast = (
+        torch.autocast("cuda", dtype=DTYPES[request["autocast"]])
+        if request.get("autocast")
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {lora_name(n): p.grad.float().cpu() for n, p in model.named_parameters() if "lora_" in n}
-    return {
-        "input_ids": ids.cpu(),
-        "loss": loss.item(),
-        "grads": grads,
-        "adapter_dir": job["adapter_out"],
-    }
+    return {"loss": loss.item(), "grads": grads}
 
 
 class RouterGaps:
@@ -178,6 +240,22 @@ class RouterGaps:
         logits = output[0] if isinstance(output, tuple) else output  # v5 router tuple, v4 Linear
         top = logits.float().topk(self.top_k + 1, dim=-1).values
         self.gaps.append((top[:, self.top_k - 1] - top[:, self.top_k]).detach().cpu())
+
+    def per_step_own(self, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        """batch x steps: the smallest router gap (over layers) of the token step s feeds in:
+        the prompt's real tokens for step 0, generated token s-1 after. A rounding-flipped
+        expert choice changes that step's logits by O(1) (and later steps only through one
+        cached token among many)."""
+        for handle in self._handles:
+            handle.remove()
+        layers, batch = len(self.routers), mask.shape[0]
+        out = torch.empty((batch, steps))
+        for step in range(steps):
+            gaps = [g.view(batch, -1) for g in self.gaps[step * layers : (step + 1) * layers]]
+            if step == 0:
+                gaps = [g.masked_fill(mask == 0, float("inf")) for g in gaps]
+            out[:, step] = torch.stack([g.min(dim=1).values for g in gaps]).min(dim=0).values
+        return out
 
     def per_step_min(self, mask: torch.Tensor, steps: int) -> torch.Tensor:
         """batch x steps: the smallest router gap among the tokens step s depends on
@@ -266,6 +344,35 @@ def run_generate(request: dict, job: dict) -> dict:
     return best[1]
 
 
+def run_decode(request: dict, job: dict) -> dict:
+    """Teacher-forced decoding references (conformance/decode.py): per left-padded batch, the
+    truth's free-running greedy tokens and its logits at every step and, in reduced precision,
+    HF's own logits in that precision forced along the same tokens (the peer)."""
+    from conformance import decode
+
+    tokenizer = _tokenizer(request)
+    high, pad_id = zoo_tokenizer.regular_token_count(tokenizer), tokenizer.pad_token_id
+    n = request["new_tokens"]
+    truth_model = _truth_model(request) if needs_truth(request) else _load_model(request)
+    batches = []
+    for index, lengths in enumerate(request["batches"]):
+        ids, mask = inputs.left_padded(request["seed"] * 10 + index, lengths, high, pad_id)
+        routers = RouterGaps(truth_model) if getattr(truth_model.config, "num_experts_per_tok", None) else None
+        tokens, logits = decode.decode(truth_model, ids, mask, n, pad_id)
+        batches.append({"input_ids": ids, "attention_mask": mask, "new_tokens": tokens, "logits": logits})
+        if routers is not None:  # Qwen3-MoE: steps whose own token's expert choice is a near tie
+            batches[-1]["router_gaps"] = routers.per_step_own(mask, n)
+    if needs_truth(request):
+        del truth_model
+        peer = _load_model(request)
+        for batch in batches:
+            batch["truth"] = {"logits": batch["logits"]}
+            _, batch["logits"] = decode.decode(
+                peer, batch["input_ids"], batch["attention_mask"], n, pad_id, forced=batch["new_tokens"]
+            )
+    return {"batches": batches, "pad_id": pad_id}
+
+
 def run_chat(request: dict, job: dict) -> dict:
     # Rendered with the suite's pinned copies of Qwen's published templates (chat_reference.py),
     # never with the shim's: that is what the case judges.
@@ -281,6 +388,7 @@ HANDLERS = {
     "forward": run_forward,
     "lora": run_lora,
     "generate": run_generate,
+    "decode": run_decode,
     "chat": run_chat,
     "rope_facts": run_rope_facts,
 }

@@ -9,6 +9,7 @@ the interpreter + transformers import a couple of times, not once per case.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ import torch
 from conformance import versions, zoo
 
 # Bump when oracle.py changes what it computes, so old results are not reused.
-ORACLE_FORMAT = 2
+ORACLE_FORMAT = 4
 REFERENCE_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "tokenizers")
 
 
@@ -107,12 +108,33 @@ def _run(args: list[str], log_name: str) -> float:
     return elapsed
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """One process at a time computes into a shared cache (pytest-xdist workers, and the stock,
+    shim and mutation runs of a leg share one): the others wait, then find the results."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no sharing, each process computes what it lacks
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_zoo(names: set[str]) -> None:
     """Build missing zoo models in a process that never imports Unsloth."""
-    missing = sorted(n for n in names if not zoo.is_built(zoo.by_name(n)))
-    if missing:
-        elapsed = _run(["-m", "conformance.zoo", *missing], "zoo")
-        print(f"[conformance] built zoo models {missing} in {elapsed:.1f}s", file=sys.stderr)
+    if all(zoo.is_built(zoo.by_name(n)) for n in names):
+        return
+    with _exclusive(zoo.cache_root() / "zoo.lock"):
+        missing = sorted(n for n in names if not zoo.is_built(zoo.by_name(n)))
+        if missing:
+            elapsed = _run(["-m", "conformance.zoo", *missing], "zoo")
+            print(f"[conformance] built zoo models {missing} in {elapsed:.1f}s", file=sys.stderr)
 
 
 class Oracle:
@@ -139,6 +161,12 @@ class Oracle:
     def fetch(self, requests: list[dict]) -> list[dict]:
         """Results for ``requests`` (same order), computing the missing ones in one process."""
         ensure_zoo({r["model"] for r in requests})
+        if any(not self._path(r).is_file() for r in requests):
+            with _exclusive(self.root / "oracle.lock"):
+                self._compute_missing(requests)
+        return [torch.load(self._path(r), weights_only=True) for r in requests]
+
+    def _compute_missing(self, requests: list[dict]) -> None:
         jobs, seen = [], set()
         for request in requests:
             path = self._path(request)
@@ -154,7 +182,6 @@ class Oracle:
             jobs_file.unlink(missing_ok=True)
             self.seconds += elapsed
             print(f"[conformance] oracle computed {len(jobs)} references in {elapsed:.1f}s", file=sys.stderr)
-        return [torch.load(self._path(r), weights_only=True) for r in requests]
 
     def get(self, request: dict) -> dict:
         return self.fetch([request])[0]

@@ -30,6 +30,12 @@ GENERATE_SINGLE_LEN = 37
 GENERATE_BATCH_LENS = [23, 41, 12]  # different lengths, so left padding is exercised
 GENERATE_ATTEMPTS = 40
 
+#: Teacher-forced decoding (test_decode.py): left-padded batches whose totals (prompt width
+#: + new tokens) cross 32, 64, 128 and 256 during decoding, where KV caches that grow in
+#: blocks reallocate. Prompt widths stay under every zoo model's window (YaRN: 320).
+DECODE_BATCHES = [[29, 14, 6, 3], [61, 40, 8]]
+DECODE_NEW_TOKENS = [232, 70]  # 29 -> 261 and 61 -> 131 tokens
+
 NF4_LEN = 256
 
 ADAPTER_LEN = 128
@@ -108,6 +114,20 @@ def generate(spec: ModelSpec, dtype: str, device: str) -> dict:
     }
 
 
+def decode(spec: ModelSpec, dtype: str, device: str, batch: int) -> dict:
+    """Teacher-forced decoding of one of DECODE_BATCHES (oracle.run_decode)."""
+    return {
+        **_base("decode", spec, dtype, device),
+        "batches": [DECODE_BATCHES[batch]],
+        "new_tokens": DECODE_NEW_TOKENS[batch],
+        "seed": 6 + batch,
+    }
+
+
+def decodes(spec: ModelSpec, dtype: str, device: str) -> list[dict]:
+    return [decode(spec, dtype, device, b) for b in range(len(DECODE_BATCHES))]
+
+
 def chat(spec: ModelSpec) -> dict:
     # Tokenizer only: no device or dtype involved. What is rendered, and with which pinned
     # references, keys the cached result: a changed reference or conversation is rendered again.
@@ -136,6 +156,16 @@ def nf4(spec: ModelSpec, skip_modules: list[str]) -> list[dict]:
     return [quantized, forward(spec, "bf16", "cuda", seq_len=NF4_LEN, seed=3)]
 
 
+def lora_reduced(spec: ModelSpec, base: str, device: str, skip_modules: list[str] | None) -> dict:
+    """HF + PEFT LoRA on a bf16 or an NF4 base (``base``), trained under bf16 autocast as a
+    Trainer with bf16=True runs it: loss and gradients, with the fp32 truth on the same
+    rounded / dequantized weights (the reference for the fused QKV kernel in reduced precision)."""
+    request = {**lora(spec, "bf16", device), "autocast": "bf16"}
+    if base == "nf4":
+        request["quantization"] = nf4(spec, skip_modules or [])[0]["quantization"]
+    return request
+
+
 def adapter_forward(spec: ModelSpec, dtype: str, device: str, adapter_dir: str, adapter_hash: str) -> dict:
     """HF + PeftModel.from_pretrained(adapter_dir) logits (adapter saved by the candidate)."""
     return {
@@ -151,10 +181,13 @@ def for_family(
     """The requests a case family can know before the candidate runs (batched per session)."""
     if family in ("forward", "rope"):
         return [forward(spec, dtype, device)]
+    if family == "fused_qkv" and spec.family == "qwen2" and device == "cuda":
+        bases = ["bf16", "nf4"] if nf4_skip is not None else ["bf16"]
+        return [lora(spec, dtype, device), *(lora_reduced(spec, b, device, nf4_skip) for b in bases)]
     if family in ("lora", "adapter", "fused_qkv"):
         return [lora(spec, dtype, device)]
     if family == "generate":
-        return [generate(spec, dtype, device)]
+        return [generate(spec, dtype, device), *decodes(spec, dtype, device)]
     if family == "chat_template":  # only where a published template is in the repository
         return [chat(spec)] if spec.family in zoo_tokenizer.TEMPLATE_FAMILIES else []
     if family == "quant4" and device == "cuda" and nf4_skip is not None:

@@ -42,8 +42,9 @@ def test_nf4_logits(spec, settings, oracle, candidates, record):
         ),
     ]
     if not fused_experts:
-        nf4_rel = tolerances.rel_error(logits, nf4_reference["logits"])
-        measurements.insert(0, ("nf4_vs_hf_nf4", "nf4_vs_hf_nf4_rel", nf4_rel))
+        # Against fp32 on the dequantized weights, within 2.5x HF NF4's own rounding error.
+        nf4_rel = tolerances.against_truth(nf4_reference, "logits", logits)
+        measurements.insert(0, ("nf4_vs_hf_nf4", "nf4_vs_hf_nf4_rel", *nf4_rel))
     else:
         # nf4_vs_hf_nf4 is not comparable here; report how many tensors differ instead.
         record.note("expert_tensors_nf4_only_in_unsloth", len(fused_experts))

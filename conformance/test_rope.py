@@ -29,15 +29,12 @@ def test_rope_past_original_window(spec, max_seq_length, settings, oracle, candi
     length = min(max_seq_length, plan.FORWARD_LEN)
     logits = candidate.forward_logits(model, reference["input_ids"][:, :length])
     start = spec.original_max_position_embeddings
+    window = {**reference, "logits": reference["logits"][start:length]}
+    if "truth" in reference:
+        window["truth"] = {"logits": reference["truth"]["logits"][start:length]}
     tolerances.check(
         record,
-        [
-            (
-                f"logits_rel[{start}:{length}]",
-                "rope_logits_rel",
-                tolerances.rel_error(logits[start:], reference["logits"][start:length]),
-            )
-        ],
+        [(f"logits_rel[{start}:{length}]", "rope_logits_rel", *tolerances.against_truth(window, "logits", logits[start:]))],
         settings.dtype,
         detail=f"{spec}: max_seq_length {max_seq_length} vs max_position_embeddings "
         f"{spec.max_position_embeddings}, YaRN factor {zoo.YARN['factor']}",

@@ -135,13 +135,14 @@ def grid(request, settings):
 
 def _compare(record, label: str, logits, hf: dict, which: str, dtype: str) -> tuple[str, bool]:
     truth = hf[which]["logits"]
-    measured = tolerances.rel_error(logits, truth)
+    measured, peer = tolerances.rel_error(logits, truth), None
     if dtype == "fp32":
         bound = tolerances.bound_for("fp32", "rope_grid_logits_rel")
     else:
-        bound = tolerances.rounding_bound(tolerances.rel_error(hf[f"{which}_peer"]["logits"], truth))
+        peer = tolerances.rel_error(hf[f"{which}_peer"]["logits"], truth)
+        bound = tolerances.rounding_bound(peer, "rope_grid_logits_rel")
     ok = measured <= bound
-    record(label, measured, bound, dtype, ok)
+    record(label, measured, bound, dtype, ok, peer=peer)
     return f"{label} = {measured:.3g} (bound {bound:.3g})", ok
 
 
