@@ -8,6 +8,7 @@ pytest settings and keeps pytest's cache in the conformance cache, out of site-p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,29 @@ def _installed_args(args: list[str]) -> list[str]:
     return [*extra, "-o", f"cache_dir={zoo.cache_root() / 'pytest'}"]
 
 
+def _parallel_args(args: list[str]) -> list[str]:
+    """Cases in parallel processes on the one GPU (pytest-xdist), unless the caller chose.
+
+    The models are tiny and the card is large: a leg is bound by Python and kernel launches,
+    so CONFORMANCE_WORKERS processes (default 4 on a GPU, none on CPU) share it. They share
+    one oracle cache (oracle_client.py computes each reference once, under a lock);
+    ``--dist loadgroup`` keeps each RoPE-grid family's batch in one process.
+    """
+    names = {a.split("=", 1)[0] for a in args}
+    if names & {"-n", "--numprocesses", "--dist"} or any(a.startswith("-n") and a[2:].isdigit() for a in args):
+        return []
+    if "no:xdist" in args or importlib.util.find_spec("xdist") is None:
+        return []
+    workers = os.environ.get("CONFORMANCE_WORKERS")
+    if workers is None:
+        import torch
+
+        workers = "4" if torch.cuda.is_available() else "0"
+    if not workers.isdigit():
+        raise SystemExit(f"CONFORMANCE_WORKERS={workers!r}: expected a number of processes (0: none)")
+    return ["-n", workers, "--dist", "loadgroup"] if int(workers) > 0 else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m conformance",
@@ -51,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", metavar="DIR", help="write DIR/conformance.json and DIR/conformance.md")
     args, rest = parser.parse_known_args(argv)
     pytest_args = list(rest) if _names_tests(rest) else [str(SUITE), *rest]
+    pytest_args += _parallel_args(rest)
     if args.report:
         pytest_args += ["--conformance-report", args.report]
     if zoo.CHECKOUT is None:
