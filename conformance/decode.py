@@ -14,6 +14,25 @@ from __future__ import annotations
 import torch
 
 
+class RegularTokensOnly:
+    """A logits processor: only ids below ``high`` (plain BPE tokens, no specials) may be chosen.
+
+    The reference's free-running greedy path is kept free of special tokens: Unsloth's decode
+    (2026.10.9, stock and shim alike) treats a generated pad token (``<|endoftext|>``) as
+    padding and masks it out of later steps, where HF keeps attending to it. A row that
+    emits its end-of-text token has finished in real generation, so that difference is not
+    a training or generation defect, and a forced path through it would measure only that.
+    """
+
+    def __init__(self, high: int) -> None:
+        self.high = high
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        out[:, self.high :] = float("-inf")
+        return out
+
+
 class ForcedTokens:
     """A logits processor: at step s of every row, only ``tokens[row, s]`` may be chosen."""
 
@@ -36,13 +55,19 @@ def decode(
     new_tokens: int,
     pad_id: int,
     forced: torch.Tensor | None = None,
+    regular_below: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(new tokens, raw logits batch x steps x vocab in fp32) of greedy KV-cache decoding,
-    free-running, or following ``forced`` (batch x new_tokens) when given."""
+    free-running (over ids below ``regular_below`` when given), or following ``forced``
+    (batch x new_tokens)."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    processors = LogitsProcessorList([ForcedTokens(forced, input_ids.shape[1])] if forced is not None else [])
+    processors = LogitsProcessorList()
+    if forced is not None:
+        processors.append(ForcedTokens(forced, input_ids.shape[1]))
+    elif regular_below is not None:
+        processors.append(RegularTokensOnly(regular_below))
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids.to(device),

@@ -358,7 +358,7 @@ def run_decode(request: dict, job: dict) -> dict:
     for index, lengths in enumerate(request["batches"]):
         ids, mask = inputs.left_padded(request["seed"] * 10 + index, lengths, high, pad_id)
         routers = RouterGaps(truth_model) if getattr(truth_model.config, "num_experts_per_tok", None) else None
-        tokens, logits = decode.decode(truth_model, ids, mask, n, pad_id)
+        tokens, logits = decode.decode(truth_model, ids, mask, n, pad_id, regular_below=high)
         batches.append({"input_ids": ids, "attention_mask": mask, "new_tokens": tokens, "logits": logits})
         if routers is not None:  # Qwen3-MoE: steps whose own token's expert choice is a near tie
             batches[-1]["router_gaps"] = routers.per_step_own(mask, n)
