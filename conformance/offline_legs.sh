@@ -36,6 +36,7 @@ launch() {  # RUN MODE DTYPE SITE MUTATION PYTEST_ARGS...  (RUN: the leg, or LEG
     cd "$work" &&
       PYTHONPATH=$site:$repo CONFORMANCE_CACHE=${TMPDIR:-/tmp}/conformance-cache-$leg-$dtype \
       CONFORMANCE_DTYPE=$dtype UNSLOTH_QWEN_COMPAT_DISABLE=$disable CONFORMANCE_MUTATION=$mutation \
+      UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS=${UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS:-1} \
       PYTHONUNBUFFERED=1 timeout -s INT -k 30 "${CONFORMANCE_TIMEOUT:-3000}" python3 -m conformance --report "$out" -p no:cacheprovider "$@" >"$out/log.txt" 2>&1
     echo "$leg $mode: exit $?" >>"$root/exits.txt"
   ) &
