@@ -12,7 +12,7 @@ the forward case covers those).
 
 import pytest
 
-from conformance import candidate, plan, tolerances, zoo
+from conformance import candidate, plan, rope_grid, tolerances, zoo
 
 pytestmark = pytest.mark.rope
 
@@ -23,8 +23,19 @@ MAX_SEQ_LENGTHS = [zoo.YARN_MAX_POSITIONS, BEYOND]
 @pytest.mark.parametrize("max_seq_length", MAX_SEQ_LENGTHS, ids=lambda n: f"msl{n}")
 @pytest.mark.parametrize("spec", zoo.YARN_MODELS, ids=str)
 def test_rope_past_original_window(spec, max_seq_length, settings, oracle, candidates, record):
-    reference = oracle.get(plan.forward(spec, settings.dtype, settings.device))
     model, _ = candidates.get(spec, max_seq_length, settings.dtype)
+    request = plan.forward(spec, settings.dtype, settings.device)
+    # Where max_seq_length is past what this transformers' YaRN covers (before transformers
+    # 4.56 the factor is derived as max_position_embeddings / original, so only 320 here),
+    # the RoPE contract extends the scaling: the model must say so on its config, by the
+    # README's rule, and compute what HF computes given that config.
+    exposed = rope_grid.exposed_rope(model.config)
+    extended = max_seq_length > rope_grid.coverage(spec)
+    if extended:
+        departures = rope_grid.extension_rule_errors(spec, max_seq_length, exposed)
+        assert not departures, f"{spec}: extended, but not by the README's rule: {'; '.join(departures)}"
+        request = {**request, "rope": exposed}
+    reference = oracle.get(request)
     # Unsloth cuts inputs to max_seq_length: feed at most that many tokens (a causal prefix).
     length = min(max_seq_length, plan.FORWARD_LEN)
     logits = candidate.forward_logits(model, reference["input_ids"][:, :length])
@@ -37,5 +48,6 @@ def test_rope_past_original_window(spec, max_seq_length, settings, oracle, candi
         [(f"logits_rel[{start}:{length}]", "rope_logits_rel", *tolerances.against_truth(window, "logits", logits[start:]))],
         settings.dtype,
         detail=f"{spec}: max_seq_length {max_seq_length} vs max_position_embeddings "
-        f"{spec.max_position_embeddings}, YaRN factor {zoo.YARN['factor']}",
+        f"{spec.max_position_embeddings}, YaRN factor {zoo.YARN['factor']}; "
+        + (f"extended: against HF given the exposed {exposed}" if extended else "against the checkpoint's RoPE"),
     )
