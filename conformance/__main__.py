@@ -52,7 +52,9 @@ def _parallel_args(args: list[str]) -> list[str]:
     ``--dist loadgroup`` keeps each RoPE-grid family's batch in one process.
     """
     names = {a.split("=", 1)[0] for a in args}
-    if names & {"-n", "--numprocesses", "--dist"} or any(a.startswith("-n") and a[2:].isdigit() for a in args):
+    if names & {"-n", "--numprocesses", "--dist"} or any(
+        a.startswith("-n") and a[2:].isdigit() for a in args
+    ):
         return []
     if "no:xdist" in args or importlib.util.find_spec("xdist") is None:
         return []

@@ -58,6 +58,7 @@ def entry_point():
     """The Unsloth class the cases go through now."""
     return ENTRY_POINTS[_entry_point]
 
+
 #: Run on every model the candidate loads, and on every model it attaches LoRA to. Empty but
 #: for a mutation run: conformance/mutations.py puts deliberate defects here.
 AFTER_LOAD: list = []

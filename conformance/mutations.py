@@ -97,7 +97,10 @@ def _drop_qkv_bias() -> None:
     def hook(model) -> None:
         with torch.no_grad():
             for name, module in model.named_modules():
-                if name.endswith(("q_proj", "k_proj", "v_proj")) and getattr(module, "bias", None) is not None:
+                if (
+                    name.endswith(("q_proj", "k_proj", "v_proj"))
+                    and getattr(module, "bias", None) is not None
+                ):
                     module.bias.zero_()
 
     candidate.AFTER_LOAD.append(hook)
@@ -180,7 +183,12 @@ def _decode_mask_dropped() -> None:
         def forward(*args, **kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
-            if ids is not None and ids.shape[1] == 1 and mask is not None and kwargs.get("past_key_values") is not None:
+            if (
+                ids is not None
+                and ids.shape[1] == 1
+                and mask is not None
+                and kwargs.get("past_key_values") is not None
+            ):
                 kwargs["attention_mask"] = torch.ones_like(mask)
             return honest(*args, **kwargs)
 

@@ -193,7 +193,11 @@ def run_lora(request: dict, job: dict) -> dict:
                 param.mul_(request["b_scale"])
     model.save_pretrained(job["adapter_out"])
     ids = inputs.random_ids(request["seed"], request["batch"], request["seq_len"], high).to(request["device"])
-    result = {"input_ids": ids.cpu(), **_loss_and_grads(model, ids, request), "adapter_dir": job["adapter_out"]}
+    result = {
+        "input_ids": ids.cpu(),
+        **_loss_and_grads(model, ids, request),
+        "adapter_dir": job["adapter_out"],
+    }
     if needs_truth(request):
         from peft import PeftModel
 
@@ -357,7 +361,9 @@ def run_decode(request: dict, job: dict) -> dict:
     batches = []
     for index, lengths in enumerate(request["batches"]):
         ids, mask = inputs.left_padded(request["seed"] * 10 + index, lengths, high, pad_id)
-        routers = RouterGaps(truth_model) if getattr(truth_model.config, "num_experts_per_tok", None) else None
+        routers = (
+            RouterGaps(truth_model) if getattr(truth_model.config, "num_experts_per_tok", None) else None
+        )
         tokens, logits = decode.decode(truth_model, ids, mask, n, pad_id, regular_below=high)
         batches.append({"input_ids": ids, "attention_mask": mask, "new_tokens": tokens, "logits": logits})
         if routers is not None:  # Qwen3-MoE: steps whose own token's expert choice is a near tie

@@ -96,8 +96,16 @@ def test_adapter_save_reload(spec, saved_adapters, settings, record):
             ("candidate_reload", "adapter_logits_rel", tolerances.rel_error(entry["after"], entry["before"])),
             # HF PeftModel reloading the candidate's adapter: the candidate's logits before
             # saving and after reloading must both match it (bf16: within 2.5x HF's own error).
-            ("before_vs_hf_peft", "adapter_logits_rel", *tolerances.against_truth(entry["hf"], "logits", entry["before"])),
-            ("after_vs_hf_peft", "adapter_logits_rel", *tolerances.against_truth(entry["hf"], "logits", entry["after"])),
+            (
+                "before_vs_hf_peft",
+                "adapter_logits_rel",
+                *tolerances.against_truth(entry["hf"], "logits", entry["before"]),
+            ),
+            (
+                "after_vs_hf_peft",
+                "adapter_logits_rel",
+                *tolerances.against_truth(entry["hf"], "logits", entry["after"]),
+            ),
         ],
         settings.dtype,
         detail=f"{spec}: adapter saved by the candidate in {entry['dir']}",

@@ -17,7 +17,9 @@ from conformance import candidate, decode, plan, tolerances, zoo
 pytestmark = pytest.mark.generate
 
 
-@pytest.mark.parametrize("batch", range(len(plan.DECODE_BATCHES)), ids=lambda b: f"prompts{plan.DECODE_BATCHES[b]}")
+@pytest.mark.parametrize(
+    "batch", range(len(plan.DECODE_BATCHES)), ids=lambda b: f"prompts{plan.DECODE_BATCHES[b]}"
+)
 @pytest.mark.parametrize("spec", zoo.ZOO, ids=str)
 def test_teacher_forced_decode(spec, batch, settings, oracle, candidates, record):
     reference = oracle.get(plan.decode(spec, settings.dtype, settings.device, batch))

@@ -145,7 +145,9 @@ def test_fused_qkv_vs_hf_reduced(spec, base, settings, oracle, record):
     candidate.load_adapter_tensors(model, reference["adapter_dir"])
     candidate.training_mode(model)
     _, unfused, names = _engagement(model)
-    loss, grads = _loss_and_grads(model, reference["input_ids"].to(candidate.device_of(model)), torch.bfloat16)
+    loss, grads = _loss_and_grads(
+        model, reference["input_ids"].to(candidate.device_of(model)), torch.bfloat16
+    )
     missing = sorted(k for k, g in grads.items() if g is None)
     assert not missing, f"{spec}: LoRA parameters without gradient: {missing[:8]}"
     worst, *grad_error = tolerances.worst_against_truth(reference, "grads", grads, candidate.layer_key)

@@ -45,9 +45,19 @@ def test_rope_past_original_window(spec, max_seq_length, settings, oracle, candi
         window["truth"] = {"logits": reference["truth"]["logits"][start:length]}
     tolerances.check(
         record,
-        [(f"logits_rel[{start}:{length}]", "rope_logits_rel", *tolerances.against_truth(window, "logits", logits[start:]))],
+        [
+            (
+                f"logits_rel[{start}:{length}]",
+                "rope_logits_rel",
+                *tolerances.against_truth(window, "logits", logits[start:]),
+            )
+        ],
         settings.dtype,
         detail=f"{spec}: max_seq_length {max_seq_length} vs max_position_embeddings "
         f"{spec.max_position_embeddings}, YaRN factor {zoo.YARN['factor']}; "
-        + (f"extended: against HF given the exposed {exposed}" if extended else "against the checkpoint's RoPE"),
+        + (
+            f"extended: against HF given the exposed {exposed}"
+            if extended
+            else "against the checkpoint's RoPE"
+        ),
     )

@@ -209,7 +209,10 @@ def check(record, measurements: list[tuple[str, str, float]], dtype: str, detail
             bound = rounding_bound(peer, metric)
             how = f"{ROUNDING_K} x HF-{dtype}'s own error {peer:.3g} + {ROUNDING_FLOOR[metric]:g}"
         ok = measured <= bound and not math.isnan(measured)
-        record(label, measured, bound, dtype, ok, peer=peer)
+        if peer is None:
+            record(label, measured, bound, dtype, ok)
+        else:
+            record(label, measured, bound, dtype, ok, peer=peer)
         if not ok:
             failures.append(f"{label} = {measured:.3g} exceeds bound {bound:.3g} ({how}, dtype {dtype})")
     if failures:
