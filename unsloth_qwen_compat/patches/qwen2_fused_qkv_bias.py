@@ -545,8 +545,10 @@ _BIAS_CHECK_TOLERANCE = 1e-4
 
 def fused_qkv_bias_error(apply_lora_qkv: Callable[..., Any]) -> float:
     """Largest relative difference between ``apply_lora_qkv`` and PEFT's own q/k/v forward on a
-    tiny stand-in attention (fp32, CPU) whose q/k/v carry a bias and a LoRA adapter with a
-    non-zero B: the same numbers when the fused path adds the biases, off by the bias when not."""
+    tiny stand-in attention whose q/k/v carry a bias and a LoRA adapter with a non-zero B: the
+    same numbers when the fused path adds the biases, off by the bias when not. fp32 on the CPU
+    also on a GPU machine: the kernel's math is device-agnostic (torch matmuls), and there no
+    TF32 setting of the process can blur the comparison."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
