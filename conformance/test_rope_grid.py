@@ -112,21 +112,26 @@ _RESULTS: dict[tuple[str, str], dict | Exception] = {}
 
 @pytest.fixture
 def grid(request, settings):
-    """Results of every collected cell of this family, computed on the first cell's call."""
+    """Results of every collected cell of this family and RoPE type (one xdist group), computed on
+    the first such cell's call: the group's loads, then its HF references in one oracle process.
+    Groups per family and type (not per family) spread the grid, most of a leg's work, over
+    the workers (measured before on an H200: one family's batch took 258 s of a 430 s leg)."""
     family = request.node.callspec.params["cell"].spec.family
-    key = (family, settings.dtype, candidate.entry_point_name())
+    rope_type = request.node.callspec.params["cell"].rope_type
+    key = (family, rope_type, settings.dtype, candidate.entry_point_name())
     if key not in _RESULTS:
         mine = [
             item.callspec.params["cell"]
             for item in request.session.items
             if item.originalname == "test_rope_grid"
             and item.callspec.params["cell"].spec.family == family
+            and item.callspec.params["cell"].rope_type == rope_type
             and item.callspec.params.get("entry_point") == candidate.entry_point_name()
         ]
         try:
             oracle_client.ensure_zoo({cell.spec.name for cell in mine})
             _RESULTS[key] = _evaluate(mine, settings)
-        except Exception as error:  # every cell of the family reports it; none recomputes it
+        except Exception as error:  # every cell of the group reports it; none recomputes it
             _RESULTS[key] = error
     if isinstance(_RESULTS[key], Exception):
         raise _RESULTS[key]
@@ -148,7 +153,10 @@ def _compare(record, label: str, logits, hf: dict, which: str, dtype: str) -> tu
 
 @pytest.mark.parametrize(
     "cell",
-    [pytest.param(c, marks=pytest.mark.xdist_group(f"rope_grid-{c.spec.family}")) for c in rope_grid.cells()],
+    [
+        pytest.param(c, marks=pytest.mark.xdist_group(f"rope_grid-{c.spec.family}-{c.rope_type}"))
+        for c in rope_grid.cells()
+    ],
     ids=str,
 )
 def test_rope_grid(cell, grid, settings, record):
