@@ -189,7 +189,8 @@ class Patch(abc.ABC):
     speed_only: ClassVar[bool] = False
     #: An environment switch that must be on (``1``, ``true``...: :func:`._env.switch`) for the
     #: patch to apply (None: on by default).
-    #: For a patch whose benefit is not measured yet: it stays out unless asked for.
+    #: For a patch not yet on by default (e.g. a speed patch until its conformance cases pass
+    #: with it on every leg): it stays out unless asked for.
     opt_in_env: ClassVar[str | None] = None
     #: Conformance case names (prefixes) that measure this defect, for upstream reports.
     conformance_cases: ClassVar[tuple[str, ...]] = ()

@@ -15,8 +15,9 @@ which is all ones, so transformers returns ``None`` ("nothing masked, one query"
 SDPA over the whole cache with no mask (llama.py:359-363, qwen3.py:376-379): every
 decoded token of a padded row attends to the pad tokens' keys and values. The prefill
 is right (it gets the full mask), so the first new token is right and the rest drift
-from HF (the conformance suite's ``left_padded_batch`` generation cases measure how far:
-CONFORMANCE.md, legs 2025.10 and 2025.3). 2026.10.9 keeps the 2D mask (its fallback,
+from HF (the conformance suite's ``left_padded_batch`` generation and teacher-forced decode
+cases measure how far: CONFORMANCE.md, leg 2025.3; leg 2025.10 in the earlier runs of its
+history, ``git show 93ac450:CONFORMANCE.md``). 2026.10.9 keeps the 2D mask (its fallback,
 llama.py:535-541, no longer slices it), derives position ids from it (llama.py:543-552)
 and masks the decode step with it for any batch size (llama.py:1762-1772, 805-835).
 
