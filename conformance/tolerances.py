@@ -40,7 +40,7 @@ EXACT_COUNTS: dict[str, float] = {
 BOUNDS: dict[str, dict[str, float]] = {
     "fp32": {
         # Fixed bounds: the reference is HF fp32 itself. Measured maxima over every passing
-        # fp32 case the suite recorded on an H200 before these bounds (CONFORMANCE.md history):
+        # fp32 case the suite recorded on an H200 before these bounds (`git show 93ac450:CONFORMANCE.md`):
         # logits 1.75e-6, LoRA loss 1.3e-7, LoRA gradients 2.9e-6, HF reload 1.1e-6. Each
         # bound is ~5-10x that, and 3+ decades below the defects the suite exists to catch
         # (a 1% RoPE base change: 0.05; YaRN as linear: 0.5; a wrong LoRA scale: O(1)).
