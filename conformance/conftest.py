@@ -111,7 +111,7 @@ def pytest_configure(config) -> None:
         "dtype": settings.dtype,
         "candidate_mode": candidate.mode(),
         # What was asked for (e.g. ``-m rope``): a partial run must not read as a whole leg.
-        "pytest_args": [str(a) for a in config.invocation_params.args],
+        "pytest_args": report.portable_args(config.invocation_params.args),
         "mutation": os.environ.get("CONFORMANCE_MUTATION", ""),
         "entry_points": entry_points(),
         "versions": versions.collect(),

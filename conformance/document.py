@@ -240,8 +240,19 @@ def run_line(run: Run) -> str:
         for name in ("unsloth", "unsloth_zoo", "transformers", "peft", "trl", "torch", "cuda")
         if env.get(name)
     )
-    # Paths (the suite, the report folder) say nothing about what was selected.
-    args = [a for a in data.get("pytest_args", []) if not a.startswith("/") and a != "--conformance-report"]
+    # Paths (the suite, the report folder) say nothing about what was selected; reports keep
+    # them as ``conformance`` and ``DIR`` (report.portable_args), older ones as absolute paths.
+    args, raw = [], list(data.get("pytest_args", []))
+    for index, arg in enumerate(raw):
+        if (
+            arg.startswith("/")
+            or arg == "--conformance-report"
+            or (index and raw[index - 1] == "--conformance-report")
+        ):
+            continue
+        if index == 0 and arg == "conformance":
+            continue
+        args.append(arg)
     command = shlex.join(args)
     commit = f", at {data['commit']}" if data.get("commit") else ""
     shim = data.get("shim", {})

@@ -29,6 +29,22 @@ def _reason(report) -> str:
     return str(longrepr).strip().splitlines()[-1] if longrepr else ""
 
 
+def portable_args(args: list[str]) -> list[str]:
+    """The run's pytest arguments without the paths of the machine it ran on: the suite's
+    directory reads ``conformance``, the report directory ``DIR``, any other absolute path
+    its last part (a committed report says what was selected, not where it lived)."""
+    out, after_report = [], False
+    for arg in map(str, args):
+        if after_report:
+            out.append("DIR")
+        elif arg.startswith("/"):
+            out.append(Path(arg).name)
+        else:
+            out.append(arg)
+        after_report = arg == "--conformance-report"
+    return out
+
+
 class ConformanceReport:
     def __init__(self, config, header: dict) -> None:
         self.config = config

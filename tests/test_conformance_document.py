@@ -248,3 +248,16 @@ def test_collect_puts_a_gpu_runs_reports_in_place(reports: Path, tmp_path: Path,
     assert "ran at abc1234" in text  # shim.json (bf16) stayed, and its note with it
     with pytest.raises(raw_reports.ReportError, match="to collect"):
         document.collect(tmp_path / "empty", reports)
+
+
+def test_a_report_keeps_no_path_of_the_machine_it_ran_on():
+    from conformance.report import portable_args
+
+    args = ["/home/u/repo/conformance", "-k", "rope", "--conformance-report", "/tmp/x/shim", "/abs/extra.py"]
+    assert portable_args(args) == ["conformance", "-k", "rope", "--conformance-report", "DIR", "extra.py"]
+    committed = Path(__file__).resolve().parent.parent / "conformance-reports"
+    for path in committed.glob("*/*.json"):
+        if path.name == "notes.json":
+            continue
+        args = json.loads(path.read_text(encoding="utf-8")).get("pytest_args", [])
+        assert not [a for a in args if a.startswith("/")], f"{path}: {args}"
