@@ -214,17 +214,6 @@ def candidates() -> candidate.ModelCache:
     return candidate.ModelCache()
 
 
-@pytest.fixture(scope="session")
-def needed_models(pytestconfig):
-    """Zoo specs per family among the collected cases (for module-level batching)."""
-
-    def for_family(family: str) -> list[zoo.ModelSpec]:
-        names = {n for f, n in getattr(pytestconfig, "_conformance_needed", ()) if f == family}
-        return [spec for spec in zoo.ZOO if spec.name in names and zoo.transformers_builds(spec)]
-
-    return for_family
-
-
 class Recorder:
     """Stores measured numbers on the test item; report.py turns them into the table."""
 
