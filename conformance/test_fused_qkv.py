@@ -10,10 +10,14 @@ case checks two things:
   fuses biased q/k/v itself) or the shim's ``apply_lora_qkv_with_bias``. Stock fails this
   by design (``unfused_qkv_layers`` = number of layers), which is how the report shows
   stock vs shim. Where stock fuses nothing at all (2026.x keeps fp32 bases on PEFT's
-  forward) there is nothing to engage and the case is skipped, saying so.
+  forward) there is nothing to engage and the case is skipped, saying so. With the shim's
+  switch off (``UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS``, off by default; tox and
+  offline_legs.sh turn it on) the count is a note, not a bound: PEFT's path is then chosen.
 - numerics: the fused path computes what PEFT does. ``test_fused_qkv_vs_hf`` compares
   loss and every LoRA gradient with the HF + PEFT oracle (as test_lora.py does, same
-  request) in ``CONFORMANCE_DTYPE``; ``test_fused_qkv_vs_peft_path`` trains the same
+  request) in ``CONFORMANCE_DTYPE``; ``test_fused_qkv_vs_hf_reduced`` does the same on a
+  bf16 and an NF4 base against HF in fp32 on those weights, within 2.5x HF + PEFT's own
+  error in bf16; ``test_fused_qkv_vs_peft_path`` trains the same
   Unsloth model with bf16 compute, unquantized and NF4 4-bit, once fused and once with
   q/k/v put back on PEFT's forward (stock's path for Qwen2), and compares the two.
 """
@@ -69,6 +73,25 @@ def _ledger_entry() -> str:
     return "no qwen2_fused_qkv_bias entry"
 
 
+def _switched_off() -> bool:
+    """The shim runs with its speed-only fused QKV switched off (the default; the legs opt in):
+    q/k/v then stay on PEFT's forward by the user's choice, as on stock, and only the numbers
+    are judged."""
+    status = candidate.shim_state().get("status")
+    if not candidate.shim_active() or not isinstance(status, dict):
+        return False
+    entry = next((e for e in status.get("patches", []) if e["name"] == "qwen2_fused_qkv_bias"), None)
+    return entry is not None and entry.get("action") == "opt-in"
+
+
+def _engagement_measurement(record, unfused: int) -> list[tuple]:
+    """The engagement count as a bounded measurement, or (switched off) as a note."""
+    if _switched_off():
+        record.note("unfused_qkv_layers_switched_off", unfused)
+        return []
+    return [("unfused_qkv_layers", "unfused_qkv_layers", unfused)]
+
+
 def _skip_in_cpu_fallback() -> None:
     if candidate.mode() == "cpu-fallback":
         pytest.skip("Unsloth runs its CPU fallback (stock transformers): no fused kernels to engage")
@@ -117,7 +140,7 @@ def test_fused_qkv_vs_hf(spec, settings, oracle, record):
     tolerances.check(
         record,
         [
-            ("unfused_qkv_layers", "unfused_qkv_layers", unfused),
+            *_engagement_measurement(record, unfused),
             ("loss_rel", "lora_loss_rel", *tolerances.scalar_against_truth(reference, "loss", loss)),
             ("max_grad_rel", "lora_grad_rel", *grad_error),
         ],
@@ -154,7 +177,7 @@ def test_fused_qkv_vs_hf_reduced(spec, base, settings, oracle, record):
     tolerances.check(
         record,
         [
-            ("unfused_qkv_layers", "unfused_qkv_layers", unfused),
+            *_engagement_measurement(record, unfused),
             ("loss_rel", "lora_loss_rel", *tolerances.scalar_against_truth(reference, "loss", loss)),
             ("max_grad_rel", "lora_grad_rel", *grad_error),
         ],
@@ -172,6 +195,11 @@ def test_fused_qkv_vs_peft_path(spec, base, settings, oracle, record):
     if not settings.on_gpu:
         pytest.skip("Unsloth's fused kernels (and bitsandbytes 4-bit) need a CUDA GPU; this run is on CPU")
     # The oracle's adapter (non-zero B) and inputs; its fp32 numbers are not compared here.
+    if _switched_off():
+        pytest.skip(
+            "the shim's fused QKV is switched off (UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS): no fused path to "
+            "compare with PEFT's"
+        )
     reference = oracle.get(plan.lora(spec, settings.dtype, settings.device))
     model, _ = candidate.load(spec, spec.max_position_embeddings, "bf16", load_in_4bit=base == "nf4")
     model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
