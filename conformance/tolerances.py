@@ -57,9 +57,9 @@ BOUNDS: dict[str, dict[str, float]] = {
         "lora_grad_rel": 3e-5,
         # Logits after saving and reloading an adapter (the tensors round-trip exactly).
         "adapter_logits_rel": 1e-5,
-        # Teacher-forced decoding, one row and step at a time (a single vocabulary vector
-        # averages less than a whole sequence's logits).
-        "decode_logits_rel": 1e-4,
+        # Teacher-forced decoding, one row and step at a time: worst of 6,824 steps per run on leg
+        # 2026.10 (H200, shim and stock) 1.66e-6; the defects it exists for are >= 1e-2.
+        "decode_logits_rel": 1e-5,
         **EXACT_COUNTS,
     },
     # Reduced precision: every comparison with HF carries HF's own error in that dtype (the
