@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import unsloth  # noqa: E402,F401  (after the shim, before transformers)
 from unsloth import FastLanguageModel, FastModel  # noqa: E402
 
-from conformance import zoo  # noqa: E402
+from conformance import decode, zoo  # noqa: E402
 from conformance.zoo import ModelSpec  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -301,17 +301,7 @@ def greedy(
     use_cache: bool,
 ) -> torch.Tensor:
     """Greedy continuation (new tokens only), exactly ``new_tokens`` long (no early EOS)."""
-    device = device_of(model)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            use_cache=use_cache,
-            pad_token_id=pad_id,
-        )
+    out = decode.greedy_generate(model, input_ids, attention_mask, new_tokens, pad_id, use_cache=use_cache)
     sequences = out.sequences if hasattr(out, "sequences") else out
     return sequences[:, input_ids.shape[1] :].cpu()
 

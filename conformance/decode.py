@@ -48,6 +48,25 @@ class ForcedTokens:
         return out
 
 
+def greedy_generate(model, input_ids, attention_mask, new_tokens: int, pad_id: int, **options):
+    """``model.generate`` greedily for exactly ``new_tokens`` (no early EOS), with the KV cache
+    unless ``use_cache=False`` is among ``options`` (passed on, e.g. scores or processors).
+    The one greedy call of the suite: the oracle's free-running reference, the candidate's,
+    and the teacher-forced decode all go through it."""
+    device = next(model.parameters()).device
+    options.setdefault("use_cache", True)
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # no early EOS: every row yields exactly new_tokens
+            pad_token_id=pad_id,
+            **options,
+        )
+
+
 def decode(
     model,
     input_ids: torch.Tensor,
@@ -62,25 +81,21 @@ def decode(
     (batch x new_tokens)."""
     from transformers import LogitsProcessorList
 
-    device = next(model.parameters()).device
     processors = LogitsProcessorList()
     if forced is not None:
         processors.append(ForcedTokens(forced, input_ids.shape[1]))
     elif regular_below is not None:
         processors.append(RegularTokensOnly(regular_below))
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,  # no early EOS: every row yields exactly new_tokens
-            use_cache=True,
-            pad_token_id=pad_id,
-            logits_processor=processors,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    out = greedy_generate(
+        model,
+        input_ids,
+        attention_mask,
+        new_tokens,
+        pad_id,
+        logits_processor=processors,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     logits = torch.stack([step.float() for step in out.logits], dim=1).cpu()
     tokens = out.sequences[:, input_ids.shape[1] :].cpu()
     if forced is not None and not tokens.equal(forced.cpu()):

@@ -282,21 +282,13 @@ class RouterGaps:
 def _greedy(model, ids, mask, request, pad_id) -> tuple[torch.Tensor, torch.Tensor]:
     """New tokens and, per step, the decision margin: the gap between the top two
     (processed) scores, or a smaller MoE router gap the step depends on."""
-    device = request["device"]
+    from conformance import decode
+
     n = request["max_new_tokens"]
     routers = RouterGaps(model) if getattr(model.config, "num_experts_per_tok", None) else None
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,  # no early EOS: every row yields exactly n tokens
-            use_cache=True,
-            pad_token_id=pad_id,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
+    out = decode.greedy_generate(
+        model, ids, mask, n, pad_id, output_scores=True, return_dict_in_generate=True
+    )
     scores = torch.stack(out.scores, dim=1).float()  # batch x steps x vocab
     top2 = scores.topk(2, dim=-1).values
     margins = (top2[..., 0] - top2[..., 1]).cpu()

@@ -122,21 +122,22 @@ def _loss_and_grads(model, ids, autocast_dtype=None) -> tuple[float, dict]:
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("spec", QWEN2, ids=str)
-def test_fused_qkv_vs_hf(spec, settings, oracle, record):
-    _skip_in_cpu_fallback()
-    reference = oracle.get(plan.lora(spec, settings.dtype, settings.device))
-    model, _ = candidate.load(spec, spec.max_position_embeddings, settings.dtype)
+def _fused_vs_hf(spec, reference, record, dtype: str, base: str, autocast_dtype=None) -> None:
+    """Train the candidate (``dtype``; ``base`` nf4: 4-bit) from ``reference``'s adapter and
+    inputs, assert the fused path engaged, and judge loss and every LoRA gradient against it."""
+    model, _ = candidate.load(spec, spec.max_position_embeddings, dtype, load_in_4bit=base == "nf4")
     model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
-    eligible = _skip_unless_fused_kernels(model, spec, settings.dtype)
+    eligible = _skip_unless_fused_kernels(model, spec, base)
     candidate.load_adapter_tensors(model, reference["adapter_dir"])
     candidate.training_mode(model)
     _, unfused, names = _engagement(model)
-
-    loss, grads = _loss_and_grads(model, reference["input_ids"].to(candidate.device_of(model)))
+    ids = reference["input_ids"].to(candidate.device_of(model))
+    loss, grads = _loss_and_grads(model, ids, autocast_dtype)
     missing = sorted(k for k, g in grads.items() if g is None)
     assert not missing, f"{spec}: LoRA parameters without gradient: {missing[:8]}"
     worst, *grad_error = tolerances.worst_against_truth(reference, "grads", grads, candidate.layer_key)
+    del model, grads
+    torch.cuda.empty_cache()
     tolerances.check(
         record,
         [
@@ -144,10 +145,17 @@ def test_fused_qkv_vs_hf(spec, settings, oracle, record):
             ("loss_rel", "lora_loss_rel", *tolerances.scalar_against_truth(reference, "loss", loss)),
             ("max_grad_rel", "lora_grad_rel", *grad_error),
         ],
-        settings.dtype,
-        detail=f"{spec}: {unfused} of {eligible} layers keep q/k/v on {sorted(set(names))} (stock fused their "
-        f"o_proj); worst gradient {worst}; shim {_ledger_entry()}",
+        dtype,
+        detail=f"{spec} {base}: {unfused} of {eligible} layers keep q/k/v on {sorted(set(names))} (stock "
+        f"fused their o_proj); worst gradient {worst}; shim {_ledger_entry()}",
     )
+
+
+@pytest.mark.parametrize("spec", QWEN2, ids=str)
+def test_fused_qkv_vs_hf(spec, settings, oracle, record):
+    _skip_in_cpu_fallback()
+    reference = oracle.get(plan.lora(spec, settings.dtype, settings.device))
+    _fused_vs_hf(spec, reference, record, settings.dtype, settings.dtype)
 
 
 @pytest.mark.parametrize("base", ["bf16", "nf4"])
@@ -155,38 +163,14 @@ def test_fused_qkv_vs_hf(spec, settings, oracle, record):
 def test_fused_qkv_vs_hf_reduced(spec, base, settings, oracle, record):
     """The fused kernel on a bf16 or NF4 base against HF + PEFT on the same base: loss and
     every LoRA gradient against HF in fp32 on the same (rounded / dequantized) weights, within
-    2.5x HF + PEFT's own error in bf16 (NF4: bf16 compute under autocast, as a Trainer runs it)."""
+    2.5x HF + PEFT's own error in bf16 (under bf16 autocast, as a Trainer with bf16=True runs it)."""
     if not settings.on_gpu:
         pytest.skip("Unsloth's fused kernels (and bitsandbytes 4-bit) need a CUDA GPU; this run is on CPU")
     skip_modules = candidate.nf4_skip_modules()
     if base == "nf4" and skip_modules is None:
         pytest.skip("this unsloth_zoo has no SKIP_QUANTIZATION_MODULES: cannot mirror its 4-bit setup")
     reference = oracle.get(plan.lora_reduced(spec, base, settings.device, skip_modules))
-    model, _ = candidate.load(spec, spec.max_position_embeddings, "bf16", load_in_4bit=base == "nf4")
-    model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
-    eligible = _skip_unless_fused_kernels(model, spec, base)
-    candidate.load_adapter_tensors(model, reference["adapter_dir"])
-    candidate.training_mode(model)
-    _, unfused, names = _engagement(model)
-    loss, grads = _loss_and_grads(
-        model, reference["input_ids"].to(candidate.device_of(model)), torch.bfloat16
-    )
-    missing = sorted(k for k, g in grads.items() if g is None)
-    assert not missing, f"{spec}: LoRA parameters without gradient: {missing[:8]}"
-    worst, *grad_error = tolerances.worst_against_truth(reference, "grads", grads, candidate.layer_key)
-    tolerances.check(
-        record,
-        [
-            *_engagement_measurement(record, unfused),
-            ("loss_rel", "lora_loss_rel", *tolerances.scalar_against_truth(reference, "loss", loss)),
-            ("max_grad_rel", "lora_grad_rel", *grad_error),
-        ],
-        "bf16",
-        detail=f"{spec} {base}: {unfused} of {eligible} layers keep q/k/v on {sorted(set(names))}; worst "
-        f"gradient {worst}; shim {_ledger_entry()}",
-    )
-    del model
-    torch.cuda.empty_cache()
+    _fused_vs_hf(spec, reference, record, "bf16", base, torch.bfloat16)
 
 
 @pytest.mark.parametrize("base", ["bf16", "nf4"])
