@@ -529,6 +529,27 @@ def test_generate_replies_shapes_and_masks(lora_model, monkeypatch: pytest.Monke
     assert scripted.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
 
+def test_generated_ids_from_inference_mode_work_in_a_policy_loss(lora_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsloth's generate runs under torch.inference_mode (here a stand-in for it does): the ids
+    generate_replies hands back must still index log-probs in a loss that backpropagates."""
+    model, tokenizer = lora_model
+    real_generate = model.generate
+
+    def inference_mode_generate(**kwargs: object) -> torch.Tensor:
+        with torch.inference_mode():
+            return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", inference_mode_generate)
+    replies = generate_replies(model, tokenizer, ["Hello"], 2, max_new_tokens=3, do_sample=True)
+    assert not replies.sequences.is_inference()
+    logits = model(input_ids=replies.sequences, attention_mask=replies.attention_mask).logits
+    targets = replies.sequences[:, 1:].unsqueeze(-1)
+    loss = -torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets).mean()
+    loss.backward()  # raised "Inference tensors cannot be saved for backward" before the copy
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    model.zero_grad(set_to_none=True)
+
+
 # --------------------------------------------------------------------------------------
 # GRPO's reference model
 

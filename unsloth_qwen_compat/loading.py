@@ -886,6 +886,12 @@ def generate_replies(
     sampling.setdefault("pad_token_id", tokenizer.pad_token_id)
     with generation_mode(model):
         sequences = model.generate(**encoded, num_return_sequences=num_return_sequences, **sampling)
+    # Unsloth's generate runs under torch.inference_mode, so its ids are inference tensors, and
+    # a loss that indexes log-probs with them (gather) raises "Inference tensors cannot be saved
+    # for backward" (seen on an H200 with Unsloth 2026.10.9 in the GRPO loop and bench --rl).
+    # A copy made out here is an ordinary tensor: both paths hand back ids autograd accepts.
+    if sequences.is_inference():
+        sequences = sequences.clone()
     prompt_length = encoded["input_ids"].shape[1]
     completion = sequences[:, prompt_length:]
     eos_ids = _eos_ids(model, tokenizer)
