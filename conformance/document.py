@@ -115,7 +115,9 @@ def run_title(run: Run, dtypes_differ: bool) -> str:
 
 def extent(run: Run) -> str:
     selected = raw_reports.selection(run.data)
-    return f"partial: {selected}" if raw_reports.is_partial(run.data) else "full suite"
+    text = f"partial: {selected}" if raw_reports.is_partial(run.data) else "full suite"
+    stopped = raw_reports.unfinished(run.data)
+    return f"{text}, **{stopped}**" if stopped else text
 
 
 def summary_rows(legs: dict[str, list[Run]]) -> list[str]:

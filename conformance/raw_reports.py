@@ -121,6 +121,27 @@ def selection(report: dict[str, Any]) -> str:
     return " ".join(parts) or "every case"
 
 
+def unfinished(report: dict[str, Any]) -> str:
+    """Why a run's report does not hold every case it selected ("" when it does): stopped
+    before the end (a time limit's SIGINT), or cases selected that have no result. Reports
+    written before these fields existed say nothing either way ("")."""
+    cases = report.get("cases", [])
+    ended = sum(1 for case in cases if case.get("result"))
+    collected = report.get("collected")
+    if report.get("interrupted"):
+        of = f" of {collected}" if isinstance(collected, int) else ""
+        return f"interrupted after {ended}{of} cases"
+    if isinstance(collected, int) and ended < collected:
+        return f"{ended} of {collected} cases ended"
+    return ""
+
+
+def is_complete(report: dict[str, Any]) -> bool:
+    """Whether the report positively says that every selected case ended (new fields present,
+    not interrupted): what a proof that compares two runs needs."""
+    return isinstance(report.get("collected"), int) and not unfinished(report)
+
+
 def is_partial(report: dict[str, Any]) -> bool:
     """Whether the run selected part of the suite (its pytest arguments say so)."""
     return selection(report) != "every case"

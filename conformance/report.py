@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from conformance import versions
 
 PROPERTY = "conformance"
@@ -51,6 +53,24 @@ class ConformanceReport:
         self.header = header
         self.rows: dict[str, dict] = {}
         self.started = time.time()
+        # How many cases the run selected and how it ended: a run stopped by a time limit (SIGINT,
+        # pytest's exit status 2) writes the cases it finished, and must not read as complete.
+        self.collected: int | None = None
+        self.exitstatus: int | None = None
+        self.interrupted = False  # under pytest-xdist, SIGINT can end the session with status 0
+
+    def pytest_collection_finish(self, session) -> None:
+        self.collected = len(session.items)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:  # the controller under -n
+        self.collected = len(ids)
+
+    def pytest_keyboard_interrupt(self, excinfo) -> None:
+        self.interrupted = True
+
+    def pytest_sessionfinish(self, session, exitstatus) -> None:  # before the terminal summary
+        self.exitstatus = int(exitstatus)
 
     def pytest_runtest_logreport(self, report) -> None:
         row = self.rows.setdefault(
@@ -98,6 +118,9 @@ class ConformanceReport:
             **self.header,
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - self.started, 1),
+            "collected": self.collected,
+            "exitstatus": self.exitstatus,
+            "interrupted": self.interrupted or self.exitstatus == int(pytest.ExitCode.INTERRUPTED),
             "counts": counts,
             "cases": list(self.rows.values()),
         }

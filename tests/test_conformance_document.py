@@ -181,6 +181,14 @@ def test_summary_mutations_and_details_say_what_the_reports_say(reports: Path) -
     assert "## RoPE grid" not in text  # no grid cell in these reports
 
 
+def test_a_run_stopped_by_its_time_limit_says_so(reports: Path) -> None:
+    path = reports / "2026.10" / "stock.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**data, "collected": 40, "interrupted": True}), encoding="utf-8")
+    text, _ = document.render(reports)
+    assert "| 2026.10 | stock | partial: `-m forward`, **interrupted after 1 of 40 cases** |" in text
+
+
 def test_reports_that_contradict_their_names_are_errors(reports: Path) -> None:
     _write(
         reports, "2026.10", "mutation-rope-yarn-linear.fp16.json", dtype="fp32", mutation="rope-yarn-linear"

@@ -529,7 +529,9 @@ def test_generate_replies_shapes_and_masks(lora_model, monkeypatch: pytest.Monke
     assert scripted.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
 
-def test_generated_ids_from_inference_mode_work_in_a_policy_loss(lora_model, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generated_ids_from_inference_mode_work_in_a_policy_loss(
+    lora_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Unsloth's generate runs under torch.inference_mode (here a stand-in for it does): the ids
     generate_replies hands back must still index log-probs in a loss that backpropagates."""
     model, tokenizer = lora_model

@@ -25,7 +25,7 @@ def _case(name, result, **metrics):
     }
 
 
-def _report(cases, unsloth="2026.10.9", enabled=True, args=("-m", "rope")):
+def _report(cases, unsloth="2026.10.9", enabled=True, args=("-m", "rope"), collected=None, interrupted=False):
     counts: dict[str, int] = {}
     for case in cases:
         counts[case["result"]] = counts.get(case["result"], 0) + 1
@@ -41,6 +41,9 @@ def _report(cases, unsloth="2026.10.9", enabled=True, args=("-m", "rope")):
         "finished": "2026-12-02T00:05:00+00:00",
         "seconds": 300.0,
         "counts": counts,
+        "collected": len(cases) if collected is None else collected,
+        "exitstatus": 2 if interrupted else 0,
+        "interrupted": interrupted,
         "cases": cases,
     }
 
@@ -97,6 +100,40 @@ def test_nothing_in_common_proves_nothing() -> None:
     assert result["counts"] == {"only in the shim run": 1, "only in the patched run": 1}
 
 
+def test_a_case_only_one_run_reached_leaves_it_unproven() -> None:
+    both = [_case(QWEN, "pass")]
+    result = upstream_proof.compare(_report(both), _report([*both, _case(TYPO, "pass")], enabled=False))
+    assert result["counts"] == {"same": 1, "only in the patched run": 1}
+    assert not result["proven"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"interrupted": True}, "interrupted after 1 of 1 cases"),
+        ({"collected": 170}, "1 of 170 cases ended"),
+        ({"collected": "absent"}, "does not record how many cases were selected"),
+    ],
+)
+def test_runs_stopped_by_a_time_limit_prove_nothing(changes, why) -> None:
+    """Two runs stopped at their time limit agreed on the 63 cases both reached (seen on an H200):
+    that must read NOT PROVEN, whatever the cases say."""
+    shim = _report([_case(QWEN, "pass")])
+    upstream = _report([_case(QWEN, "pass")], enabled=False)
+    for key, value in changes.items():
+        if value == "absent":
+            del upstream[key]
+        else:
+            upstream[key] = value
+    result = upstream_proof.compare(shim, upstream)
+    assert result["counts"] == {"same": 1}
+    assert not result["proven"]
+    assert why in result["incomplete"]["patched, shim off"]
+    text = upstream_proof.render(result)
+    assert "NOT PROVEN: patched, shim off run incomplete" in text
+    assert upstream_proof.compare(shim, _report([_case(QWEN, "pass")], enabled=False))["proven"]
+
+
 def test_merge_joins_parts_and_refuses_overlaps(tmp_path) -> None:
     a = _report([_case(QWEN, "pass"), _case(CONTROL, "refused")], args=("-m", "rope"))
     b = _report([_case(TYPO, "pass")], args=("-m", "not rope"))
@@ -105,6 +142,9 @@ def test_merge_joins_parts_and_refuses_overlaps(tmp_path) -> None:
     assert merged["pytest_args"] == ["-m", "rope", "-m", "not rope"]
     assert [m["source"] for m in merged["merged_from"]] == ["a.json", "b.json"]
     assert merged["seconds"] == 600.0
+    assert merged["collected"] == 3 and merged["interrupted"] is False
+    stopped = upstream_proof.merge([a, _report([_case(TYPO, "pass")], interrupted=True)], ["a", "b"])
+    assert stopped["interrupted"] is True
     with pytest.raises(ValueError, match="is in both"):
         upstream_proof.merge([a, a], ["a.json", "again.json"])
     with pytest.raises(ValueError, match="another Unsloth"):
