@@ -126,6 +126,28 @@ def _exclusive(lock_file: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _try_exclusive(lock_file: Path):
+    """Yields whether this process holds ``lock_file`` (taken without waiting; held until exit).
+    Not POSIX: always True (no sharing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_zoo(names: set[str]) -> None:
     """Build missing zoo models in a process that never imports Unsloth."""
     if all(zoo.is_built(zoo.by_name(n)) for n in names):
@@ -161,20 +183,42 @@ class Oracle:
     def fetch(self, requests: list[dict]) -> list[dict]:
         """Results for ``requests`` (same order), computing the missing ones in one process."""
         ensure_zoo({r["model"] for r in requests})
-        if any(not self._path(r).is_file() for r in requests):
-            with _exclusive(self.root / "oracle.lock"):
-                self._compute_missing(requests)
-        return [torch.load(self._path(r), weights_only=True) for r in requests]
-
-    def _compute_missing(self, requests: list[dict]) -> None:
-        jobs, seen = [], set()
+        missing = {}
         for request in requests:
             path = self._path(request)
-            if not path.is_file() and str(path) not in seen:
-                seen.add(str(path))
-                jobs.append(
-                    {"request": request, "out": str(path), "adapter_out": str(path.with_suffix(".adapter"))}
-                )
+            if not path.is_file():
+                missing.setdefault(path, request)
+        if missing:
+            self._compute_missing(missing)
+        return [torch.load(self._path(r), weights_only=True) for r in requests]
+
+    def _compute_missing(self, missing: dict[Path, dict]) -> None:
+        """Compute the results no other process is computing, then wait for the ones another is.
+
+        One lock per result, not one for the whole cache: pytest-xdist workers (and the stock,
+        shim and mutation runs of a leg, which share the cache) compute different references
+        at the same time and never the same one twice. A process waits only after its own
+        child has finished and its locks are released, so no two wait on each other; a result
+        still missing after its holder let go (that process failed) is computed here.
+        """
+        with contextlib.ExitStack() as held:
+            mine, theirs = [], []
+            for path, request in missing.items():
+                if not held.enter_context(_try_exclusive(path.with_suffix(".lock"))):
+                    theirs.append((path, request))
+                elif not path.is_file():  # finished by another process before we got its lock
+                    mine.append((path, request))
+            self._compute(mine)
+        for path, request in theirs:
+            with _exclusive(path.with_suffix(".lock")):
+                if not path.is_file():
+                    self._compute([(path, request)])
+
+    def _compute(self, pairs: list[tuple[Path, dict]]) -> None:
+        jobs = [
+            {"request": request, "out": str(path), "adapter_out": str(path.with_suffix(".adapter"))}
+            for path, request in pairs
+        ]
         if jobs:
             jobs_file = self.root / f"jobs-{os.getpid()}-{time.time_ns()}.json"
             jobs_file.write_text(json.dumps(jobs, indent=1), encoding="utf-8")

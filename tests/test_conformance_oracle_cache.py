@@ -1,0 +1,82 @@
+"""The oracle's shared result cache (conformance/oracle_client.py): concurrent fetchers compute
+different references at the same time and never the same one twice (CPU; the oracle child is
+stood in for by a function that writes the result files)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conformance import oracle_client
+
+
+@pytest.fixture
+def oracle(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("CONFORMANCE_CACHE", str(tmp_path))
+    monkeypatch.setattr(oracle_client, "ensure_zoo", lambda names: None)
+    monkeypatch.setattr(oracle_client.Oracle, "key", lambda self, request: request["name"])
+    computed: list[tuple[str, ...]] = []
+    spans: dict[tuple[str, ...], tuple[float, float]] = {}
+    started = threading.Event()
+
+    def stand_in_child(self, pairs):  # what conformance.oracle does: one file per request
+        if not pairs:
+            return
+        names = tuple(request["name"] for _, request in pairs)
+        computed.append(names)
+        begin = time.monotonic()
+        started.set()
+        time.sleep(0.3)  # long enough for the other fetcher to reach the same results
+        for path, request in pairs:
+            torch.save({"name": request["name"]}, path)
+        spans[names] = (begin, time.monotonic())
+
+    monkeypatch.setattr(oracle_client.Oracle, "_compute", stand_in_child)
+    return computed, started, spans
+
+
+def _request(name: str) -> dict:
+    return {"kind": "forward", "model": "qwen2-plain", "name": name}
+
+
+def test_two_fetchers_share_the_work_and_wait_only_for_what_the_other_computes(oracle) -> None:
+    computed, started, spans = oracle
+    results = {}
+
+    def fetch(label, names, wait_for=None):
+        if wait_for is not None:
+            wait_for.wait(5)
+        results[label] = oracle_client.Oracle().fetch([_request(n) for n in names])
+
+    first = threading.Thread(target=fetch, args=("first", ["a", "b"]))
+    second = threading.Thread(target=fetch, args=("second", ["b", "c"], started))
+    first.start()
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert [r["name"] for r in results["first"]] == ["a", "b"]
+    assert [r["name"] for r in results["second"]] == ["b", "c"]
+    # b was computed once (by the first), c by the second while the first still held b.
+    assert sorted(computed) == [("a", "b"), ("c",)]
+    assert spans[("c",)][0] < spans[("a", "b")][1]  # at the same time: no lock over the whole cache
+    assert oracle_client.Oracle().fetch([_request("c")])[0] == {"name": "c"}
+    assert len(computed) == 2  # cached: nothing computed again
+
+
+def test_a_result_whose_holder_failed_is_computed_by_the_waiter(oracle, monkeypatch) -> None:
+    computed, _, _ = oracle
+    client = oracle_client.Oracle()
+    path = client._path(_request("x"))
+    # Another process holds x's lock and exits without writing it.
+    with oracle_client._try_exclusive(path.with_suffix(".lock")) as held:
+        assert held
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (client.fetch([_request("x")]), done.set()))
+        thread.start()
+        assert not done.wait(0.3)  # waiting for the holder, not computing x a second time
+    thread.join(10)
+    assert done.is_set() and computed == [("x",)]
