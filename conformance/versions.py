@@ -6,6 +6,7 @@ triggers the patching of) the packages themselves.
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from importlib import metadata
@@ -41,6 +42,8 @@ def collect() -> dict:
         "gpu": gpu_name(),
         # TF32 silently turns fp32 matmuls into ~1e-3-accurate ones; the fp32 bounds assume it off.
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        # Triton kernels' default for fp32 dot products (the suite sets "ieee"; unset means TF32).
+        "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT", ""),
     }
 
 

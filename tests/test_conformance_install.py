@@ -154,6 +154,8 @@ def test_the_installed_suite_runs_outside_a_checkout_and_writes_nothing_into_sit
     assert cases and all(c["nodeid"].startswith("conformance/test_chat_template.py::") for c in cases)
     # The run says it ended on its own with every selected case: what the retire proof requires.
     assert (data["collected"], data["exitstatus"], data["interrupted"]) == (len(cases), 0, False)
+    # fp32 means fp32 in Triton's kernels too (unset, their fp32 dot products run in TF32).
+    assert data["versions"]["triton_f32_default"] == "ieee"
     assert sorted(p.name for p in repo.iterdir()) == ["pyproject.toml", "report"]  # no compile cache
     cache = tmp_path / "xdg" / "unsloth-qwen-compat" / "conformance"
     assert {"zoo", "oracle", "pytest"} <= {p.name for p in cache.iterdir()}
