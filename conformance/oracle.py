@@ -1,4 +1,8 @@
-"""The Hugging Face reference, run as its own process: ``python -m conformance.oracle JOBS.json``.
+"""The Hugging Face reference, run as its own process: ``python -m conformance.oracle JOBS.json``,
+or ``python -m conformance.oracle --serve FD``: one process for a whole pytest process, running
+each JOBS.json path it reads on stdin and answering with its exit code, one line on FD (the
+import of torch and transformers, 10-20 s per process on a busy GPU machine, paid once instead of
+once per batch; the RoPE grid asks for a batch per family, RoPE type and entry point).
 
 Unsloth patches transformers classes globally when imported, and rewrites some installed
 files, so a reference computed in a process that imported it is not a reference. This
@@ -17,6 +21,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 FORBIDDEN_MODULES = ("unsloth", "unsloth_zoo", "unsloth_qwen_compat")
 
@@ -413,5 +418,27 @@ def main(jobs_path: str) -> int:
     return 0
 
 
+def serve(reply_fd: int) -> int:
+    """Run the job files named on stdin, one per line, until stdin closes; after each, its exit
+    code on ``reply_fd`` (a failed batch is logged and answered, and the process goes on)."""
+    with os.fdopen(reply_fd, "w", buffering=1, encoding="utf-8") as reply:
+        for line in sys.stdin:
+            jobs_path = line.strip()
+            if not jobs_path:
+                continue
+            print(f"oracle: jobs {jobs_path}", flush=True)
+            try:
+                code = main(jobs_path)
+            except Exception:  # noqa: BLE001 - the client reads the traceback from the log
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            reply.write(f"{code}\n")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        sys.exit(serve(int(sys.argv[2])))
     sys.exit(main(sys.argv[1]))

@@ -9,6 +9,7 @@ the interpreter + transformers import a couple of times, not once per case.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +108,72 @@ def _run(args: list[str], log_name: str) -> float:
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
         raise OracleError(f"oracle process failed: {last} (exit {code}, full log {log})\n{tail}")
     return elapsed
+
+
+class _OracleProcess:
+    """One oracle process (``conformance.oracle --serve``) for this whole process, started on
+    the first batch: later batches reuse its imports. A batch that fails is answered like a
+    one-shot run's exit code; a process that died is started again for the next batch."""
+
+    _lock = threading.Lock()
+    _current: _OracleProcess | None = None
+
+    def __init__(self) -> None:
+        logs = zoo.cache_root() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-oracle.log"
+        cwd = _child_cwd()
+        read_end, write_end = os.pipe()
+        with open(self.log, "w", encoding="utf-8") as handle:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "conformance.oracle", "--serve", str(write_end)],
+                cwd=cwd,
+                env=_subprocess_env(cwd),
+                stdin=subprocess.PIPE,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_end,),
+                text=True,
+            )
+        os.close(write_end)
+        self.replies = os.fdopen(read_end, "r", encoding="utf-8")
+
+    def run(self, jobs_file: Path) -> int:
+        try:
+            self.process.stdin.write(f"{jobs_file}\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return self.process.wait() or 1
+        answer = self.replies.readline()
+        if not answer:  # the process ended (crashed, killed): its log says why
+            return self.process.wait() or 1
+        return int(answer)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.replies.close()
+
+    @classmethod
+    def run_jobs(cls, jobs_file: Path) -> float:
+        """Run one job file in this process's oracle; seconds taken. OracleError on failure."""
+        with cls._lock:
+            if cls._current is None or cls._current.process.poll() is not None:
+                cls._current = cls()
+                atexit.register(cls._current.close)
+            server = cls._current
+            start = time.perf_counter()
+            code = server.run(jobs_file)
+            elapsed = time.perf_counter() - start
+        if code != 0:
+            tail = server.log.read_text(encoding="utf-8", errors="replace")[-4000:]
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+            raise OracleError(f"oracle process failed: {last} (exit {code}, full log {server.log})\n{tail}")
+        return elapsed
 
 
 @contextlib.contextmanager
@@ -222,7 +290,10 @@ class Oracle:
         if jobs:
             jobs_file = self.root / f"jobs-{os.getpid()}-{time.time_ns()}.json"
             jobs_file.write_text(json.dumps(jobs, indent=1), encoding="utf-8")
-            elapsed = _run(["-m", "conformance.oracle", str(jobs_file)], "oracle")
+            if os.name == "posix":
+                elapsed = _OracleProcess.run_jobs(jobs_file)
+            else:  # no file descriptors to pass: a process per batch
+                elapsed = _run(["-m", "conformance.oracle", str(jobs_file)], "oracle")
             jobs_file.unlink(missing_ok=True)
             self.seconds += elapsed
             print(f"[conformance] oracle computed {len(jobs)} references in {elapsed:.1f}s", file=sys.stderr)

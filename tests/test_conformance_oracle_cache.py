@@ -80,3 +80,28 @@ def test_a_result_whose_holder_failed_is_computed_by_the_waiter(oracle, monkeypa
         assert not done.wait(0.3)  # waiting for the holder, not computing x a second time
     thread.join(10)
     assert done.is_set() and computed == [("x",)]
+
+
+def test_one_oracle_process_serves_every_batch_and_outlives_a_failed_one(monkeypatch, tmp_path: Path) -> None:
+    """The real oracle child (CPU): batches after the first reuse its imports; a batch that
+    raises is an OracleError with its traceback, and the next batch runs in the same process."""
+    from conformance import plan, rope_grid
+
+    monkeypatch.setenv("CONFORMANCE_CACHE", str(tmp_path))
+    monkeypatch.setattr(oracle_client._OracleProcess, "_current", None)
+    cells = [c for c in rope_grid.cells() if c.spec.family == "qwen2"][:2]
+    oracle_client.ensure_zoo({c.spec.name for c in cells})
+    client = oracle_client.Oracle()
+    first = client.fetch([plan.rope_facts(cells[0], None)])[0]
+    process = oracle_client._OracleProcess._current.process
+    assert set(first) == {"length_dependent"}
+    broken = {**plan.rope_facts(cells[1], None), "kind": "no_such_kind"}
+    with pytest.raises(oracle_client.OracleError, match="KeyError: 'no_such_kind'"):
+        client.fetch([broken])
+    second = client.fetch([plan.rope_facts(cells[1], None)])[0]
+    assert set(second) == {"length_dependent"}
+    assert oracle_client._OracleProcess._current.process is process and process.poll() is None
+    log = oracle_client._OracleProcess._current.log.read_text(encoding="utf-8")
+    assert log.count("oracle: jobs") == 3
+    oracle_client._OracleProcess._current.close()
+    assert process.poll() == 0
