@@ -29,6 +29,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # fp32 logits left HF fp32 by 1.3e-3 to 1.9e-3 on an H200, stock and shim alike: TF32's size of
 # error. Whether that was all of it, the first run with this setting shows.
 os.environ["TRITON_F32_DEFAULT"] = "ieee"
+# Triton autotuning results kept on disk (Triton >= 3.3), shared by the workers and the runs
+# of a leg: the flash-linear-attention kernels autotune per sequence length, and the hybrid
+# models' adapter cases took 350 s each on an H200 while four runs did it at once. Speed only:
+# the choice of config is a kernel's block sizes, which its tests in fp32 do not depend on.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -167,7 +172,24 @@ def pytest_generate_tests(metafunc) -> None:
     # Session-scoped, so pytest runs every case of one entry point before the next one's and
     # module-scoped fixtures that take ``entry_point`` are built once per entry point.
     if "entry_point" in metafunc.fixturenames:
-        metafunc.parametrize("entry_point", entry_points(), indirect=True, scope="session")
+        names = entry_points()
+        if metafunc.definition.get_closest_marker("xdist_group") or any(
+            mark.name == "xdist_group" for param in _marked_params(metafunc) for mark in param
+        ):
+            # A grouped case (the RoPE grid: one group per family and RoPE type, whose loads and
+            # references are batched) is grouped per entry point too: the two halves are separate
+            # batches anyway, and 70 groups spread over the workers better than 35.
+            names = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in names]
+        metafunc.parametrize("entry_point", names, indirect=True, scope="session")
+
+
+def _marked_params(metafunc) -> list:
+    """The marks of the parameter sets already given to ``metafunc``'s test (its own parametrize)."""
+    marks = []
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        for value in mark.args[1] if len(mark.args) > 1 else []:
+            marks.append(list(getattr(value, "marks", ())))
+    return marks
 
 
 @pytest.fixture(scope="session", autouse=True)
