@@ -31,8 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["TRITON_F32_DEFAULT"] = "ieee"
 # Triton autotuning results kept on disk (Triton >= 3.3), shared by the workers and the runs
 # of a leg: the flash-linear-attention kernels autotune per sequence length, and the hybrid
-# models' adapter cases took 350 s each on an H200 while four runs did it at once. Speed only:
-# the choice of config is a kernel's block sizes, which its tests in fp32 do not depend on.
+# models' adapter cases took 350 s each on an H200 while four runs did it at once. A config is
+# a kernel's block sizes: another choice changes only the order of fp32 sums, far below the bounds.
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 import pytest  # noqa: E402
