@@ -127,3 +127,58 @@ def test_opt_in_variable(monkeypatch: pytest.MonkeyPatch, value: str, action: Ac
         shim.apply(env)
     assert shim.ledger["opt_in"].action is action
     assert len(caught) == (value == "fused")
+
+
+class _OnByDefault(Patch):
+    name, summary = "on_by_default", "stand-in speed patch with an off switch"
+    off_env = "UNSLOTH_QWEN_COMPAT_TEST_OFF_SWITCH"
+
+    def __init__(self) -> None:
+        self.installed = 0
+
+    def probe(self, module, env):
+        return needed("stand-in defect")
+
+    def install(self, swaps, module, env):
+        self.installed += 1
+
+
+@pytest.mark.parametrize(
+    ("value", "action"),
+    [
+        (None, Action.APPLIED),
+        ("", Action.APPLIED),
+        ("1", Action.APPLIED),
+        ("Yes", Action.APPLIED),
+        ("0", Action.SWITCHED_OFF),
+        ("false", Action.SWITCHED_OFF),
+        ("NO", Action.SWITCHED_OFF),
+        (" Off ", Action.SWITCHED_OFF),
+        ("disabled", Action.APPLIED),  # not an on/off value: a warning, and the default (on)
+    ],
+)
+def test_off_switch_variable(monkeypatch: pytest.MonkeyPatch, value: str | None, action: Action) -> None:
+    if value is None:
+        monkeypatch.delenv(_OnByDefault.off_env, raising=False)
+    else:
+        monkeypatch.setenv(_OnByDefault.off_env, value)
+    env = _env.Environment("CPython", "linux", {}, None, _env.UnslothState(_env.MODE_GPU))
+    patch = _OnByDefault()
+    shim = Shim([patch])
+    shim.probe_all(env)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shim.apply(env)
+    entry = shim.ledger["on_by_default"]
+    assert entry.action is action
+    assert patch.installed == (action is Action.APPLIED)
+    if action is Action.SWITCHED_OFF:
+        assert shim.applied() == []
+        assert entry.detail == (
+            f"switched off by {_OnByDefault.off_env}={value.strip()}: unset it (or set it to 1) to apply"
+        )
+    assert len(caught) == (value == "disabled")
+    if caught:
+        message = str(caught[0].message)
+        assert f"{_OnByDefault.off_env}='disabled' is not an on/off value" in message
+        assert "using the default (on)" in message

@@ -121,6 +121,8 @@ class _State:
                 problems.append(f"patch {entry.name} failed: {entry.detail}")
             elif entry.action is Action.NOT_IMPLEMENTED and not self.shim.patches[entry.name].speed_only:
                 problems.append(f"{entry.name} is needed ({entry.reason}) but not fixed by this release")
+            elif entry.action is Action.SWITCHED_OFF:  # the user's choice: a note, not a warning
+                self.notes.append(f"{entry.name} {entry.detail}")
         if problems:
             warn("unsloth_qwen_compat: " + "; ".join(problems))
 

@@ -15,6 +15,7 @@ import abc
 import enum
 import importlib
 import logging
+import os
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import asdict, dataclass
 from types import ModuleType
@@ -45,6 +46,7 @@ class Action(str, enum.Enum):
     SKIPPED = "skipped"  # verdict says there is nothing to do
     NOT_IMPLEMENTED = "not implemented"  # needed, but this release has no patch body yet
     OPT_IN = "opt-in"  # needed, written, but off unless its environment variable is set
+    SWITCHED_OFF = "switched off"  # needed, on by default, turned off by its environment variable
     # Status without a GPU: a child that inspected Unsloth's GPU code applied it, so a GPU
     # run of this install applies it; the process itself patched nothing.
     WOULD_APPLY = "would apply"
@@ -188,10 +190,15 @@ class Patch(abc.ABC):
     #: True for a patch that only makes training faster: leaving it unapplied is not warned about.
     speed_only: ClassVar[bool] = False
     #: An environment switch that must be on (``1``, ``true``...: :func:`._env.switch`) for the
-    #: patch to apply (None: on by default).
+    #: patch to apply (None: on by default, unless :attr:`off_env` turns it off).
     #: For a patch not yet on by default (e.g. a speed patch until its conformance cases pass
-    #: with it on every leg): it stays out unless asked for.
+    #: with it on every leg): it stays out unless asked for; status says ``opt-in``.
     opt_in_env: ClassVar[str | None] = None
+    #: An environment switch that turns an on-by-default patch off (``0``, ``false``...:
+    #: :func:`._env.switch`; unset or empty: on; any other value warns and counts as on).
+    #: For a patch on by default that a user may still want out (e.g. a speed patch once its
+    #: conformance cases pass with it on): status then says ``switched off`` and how to undo it.
+    off_env: ClassVar[str | None] = None
     #: Conformance case names (prefixes) that measure this defect, for upstream reports.
     conformance_cases: ClassVar[tuple[str, ...]] = ()
     #: A minimal reproduction, as Python, for an upstream issue.
@@ -288,6 +295,11 @@ class Shim:
             if patch.opt_in_env and not switch(patch.opt_in_env):
                 entry.action = Action.OPT_IN
                 entry.detail = f"off by default: set {patch.opt_in_env}=1 to apply"
+                continue
+            if patch.off_env and not switch(patch.off_env, default=True):
+                entry.action = Action.SWITCHED_OFF
+                value = os.environ.get(patch.off_env, "").strip()
+                entry.detail = f"switched off by {patch.off_env}={value}: unset it (or set it to 1) to apply"
                 continue
             swaps = AttributeSwaps()
             try:
