@@ -11,8 +11,8 @@ case checks two things:
   by design (``unfused_qkv_layers`` = number of layers), which is how the report shows
   stock vs shim. Where stock fuses nothing at all (2026.x keeps fp32 bases on PEFT's
   forward) there is nothing to engage and the case is skipped, saying so. With the shim's
-  switch off (``UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS``, off by default; tox and
-  offline_legs.sh turn it on) the count is a note, not a bound: PEFT's path is then chosen.
+  switch off (``UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS=0``; on by default, and tox and
+  offline_legs.sh set it to 1) the count is a note, not a bound: PEFT's path is then chosen.
 - numerics: the fused path computes what PEFT does. ``test_fused_qkv_vs_hf`` compares
   loss and every LoRA gradient with the HF + PEFT oracle (as test_lora.py does, same
   request) in ``CONFORMANCE_DTYPE``; ``test_fused_qkv_vs_hf_reduced`` does the same on a
@@ -74,14 +74,14 @@ def _ledger_entry() -> str:
 
 
 def _switched_off() -> bool:
-    """The shim runs with its speed-only fused QKV switched off (the default; the legs opt in):
-    q/k/v then stay on PEFT's forward by the user's choice, as on stock, and only the numbers
-    are judged."""
+    """The shim runs with its speed-only fused QKV switched off (``=0``; or, before it was on
+    by default, left opt-in): q/k/v then stay on PEFT's forward by the user's choice, as on
+    stock, and only the numbers are judged."""
     status = candidate.shim_state().get("status")
     if not candidate.shim_active() or not isinstance(status, dict):
         return False
     entry = next((e for e in status.get("patches", []) if e["name"] == "qwen2_fused_qkv_bias"), None)
-    return entry is not None and entry.get("action") == "opt-in"
+    return entry is not None and entry.get("action") in ("switched off", "opt-in")
 
 
 def _engagement_measurement(record, unfused: int) -> list[tuple]:

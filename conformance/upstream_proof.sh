@@ -6,9 +6,9 @@
 #
 # Needs .whl-common/ and .whl-2026.10/ (the leg's wheels) in the checkout; builds
 # .whl-2026.10-upstream/ from them (conformance/build_patched_unsloth.sh) unless it is there.
-# Runs at once, with conformance/offline_legs.sh: leg 2026.10 with the shim (its opt-in fused
-# QKV on, as tox.ini runs legs) and leg 2026.10-upstream with UNSLOTH_QWEN_COMPAT_DISABLE=1,
-# on the part of the suite PART selects:
+# Runs at once, with conformance/offline_legs.sh: leg 2026.10 with the shim (its fused QKV on:
+# its default, set explicitly as tox.ini runs legs) and leg 2026.10-upstream with
+# UNSLOTH_QWEN_COMPAT_DISABLE=1, on the part of the suite PART selects:
 #   defects  the cases of the patched defects: -m "rope or lora_targets or fused_qkv", RoPE and
 #            fused QKV through FastLanguageModel (the path the series changes), the typo case
 #            through both entry points

@@ -712,11 +712,28 @@ def test_worker_environment_per_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stock["PYTORCH_ALLOC_CONF"] == shim["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     assert stock["PYTHONPATH"].split(":")[0] == str(runner.PACKAGE_ROOT)
     assert runner.worker_env("hf", "cpu")["CUDA_VISIBLE_DEVICES"] == ""
-    # The shim path measures the opt-in speed patch; stock and HF never get it.
+    # The fused QKV patch is on by default: the shim path runs it without setting anything,
+    # and a caller's off switch reaches the worker as it is.
     monkeypatch.delenv("UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS", raising=False)
-    assert runner.worker_env("shim", "cuda")["UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"] == "1"
-    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in runner.worker_env("unsloth", "cuda")
-    assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in runner.worker_env("hf", "cuda")
+    for path in ("shim", "unsloth", "hf"):
+        assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS" not in runner.worker_env(path, "cuda")
+    monkeypatch.setenv("UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS", "0")
+    assert runner.worker_env("shim", "cuda")["UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"] == "0"
+
+
+def test_the_shim_path_switches_opt_in_speed_patches_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unsloth_qwen_compat.patches as patches
+
+    class OptIn:
+        opt_in_env = "UNSLOTH_QWEN_COMPAT_TEST_OPT_IN"
+
+    monkeypatch.setattr(patches, "all_patches", lambda: [OptIn()])
+    monkeypatch.delenv(OptIn.opt_in_env, raising=False)
+    assert runner.worker_env("shim", "cuda")[OptIn.opt_in_env] == "1"
+    assert OptIn.opt_in_env not in runner.worker_env("unsloth", "cuda")
+    assert OptIn.opt_in_env not in runner.worker_env("hf", "cuda")
+    monkeypatch.setenv(OptIn.opt_in_env, "0")  # the caller's explicit "0" still turns it off
+    assert runner.worker_env("shim", "cuda")[OptIn.opt_in_env] == "0"
 
 
 def test_loader_config_differs_between_paths_only_in_use_unsloth() -> None:

@@ -292,7 +292,7 @@ FP32_REL = 1e-5
 
 @requires_unsloth
 def test_fused_function_matches_peft_in_fp32() -> None:
-    done = run_python(NUMERICS, env={"UNSLOTH_ALLOW_CPU": "1", "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS": "1"})
+    done = run_python(NUMERICS, env={"UNSLOTH_ALLOW_CPU": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for case in ("bias_grad=False", "bias_grad=True"):
@@ -398,7 +398,7 @@ WIRING = """
 
 @pytest.fixture(scope="module")
 def wiring() -> dict:
-    done = run_python(WIRING, env={"UNSLOTH_ALLOW_CPU": "1", "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS": "1"})
+    done = run_python(WIRING, env={"UNSLOTH_ALLOW_CPU": "1"})  # the patch's default: on
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]) | {"_stderr": done.stderr}
 
@@ -469,8 +469,69 @@ def test_applies_on_top_of_another_patches_wrapper() -> None:
         top = llama.FastLlamaModel.patch_peft_model
         print(json.dumps({"action": entry["action"], "wraps_other": top.__wrapped__ is other_patch}))
         """,
-        env={"UNSLOTH_ALLOW_CPU": "1", "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS": "1"},
+        env={"UNSLOTH_ALLOW_CPU": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out == {"action": "applied", "wraps_other": True}, out
+
+
+# -- on by default, UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS=0 switches it off ------------------------
+
+SWITCH = """
+    import inspect, json, warnings
+    import unsloth.models.llama as llama  # first: its objects as stock left them
+
+    NAMES = ("patch_peft_model", "_fused_lora_modules", "_decline_fused_lora_for_fsdp")
+    def current():
+        owners = {"patch_peft_model": llama.FastLlamaModel.__dict__}
+        return {n: owners.get(n, vars(llama)).get(n) for n in NAMES}
+
+    stock = current()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import unsloth_qwen_compat as shim
+    entry = next(p for p in shim.status()["patches"] if p["name"] == "qwen2_fused_qkv_bias")
+    print(json.dumps({
+        "entry": entry,
+        "unchanged": {n: v is stock[n] for n, v in current().items() if stock[n] is not None},
+        "applied": shim.shim().applied(),
+        "notes": shim.status()["notes"],
+        "warnings": [str(w.message) for w in caught if "FUSED_QKV_BIAS" in str(w.message)],
+    }))
+"""
+
+
+@requires_unsloth
+@pytest.mark.parametrize("value", [None, "0", "Off", "fused"])
+def test_on_by_default_and_switched_off_by_its_variable(value) -> None:
+    env = {"UNSLOTH_ALLOW_CPU": "1"}
+    if value is not None:
+        env["UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"] = value
+    done = run_python(SWITCH, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    entry, unchanged = out["entry"], out["unchanged"]
+    assert entry["verdict"] == "needed", entry
+    assert unchanged["patch_peft_model"] is not None
+    notes = [n for n in out["notes"] if n.startswith("qwen2_fused_qkv_bias")]
+    if value in ("0", "Off"):
+        assert entry["action"] == "switched off", entry
+        assert entry["detail"] == (
+            f"switched off by UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS={value}: unset it (or set it to 1) to apply"
+        )
+        assert all(unchanged.values()), unchanged  # Unsloth's own functions, untouched
+        assert "qwen2_fused_qkv_bias" not in out["applied"]
+        assert notes == [f"qwen2_fused_qkv_bias {entry['detail']}"]  # status says so, and how back
+        assert out["warnings"] == []  # the user's choice, not a problem
+    else:  # unset, or not an on/off value: the default, on
+        assert entry["action"] == "applied", entry
+        assert not unchanged["patch_peft_model"]
+        assert "qwen2_fused_qkv_bias" in out["applied"]
+        assert notes == []
+        if value is None:
+            assert out["warnings"] == []
+        else:
+            assert len(out["warnings"]) == 1, out["warnings"]
+            assert "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS='fused' is not an on/off value" in out["warnings"][0]
+            assert "using the default (on)" in out["warnings"][0]

@@ -182,3 +182,10 @@ def test_off_switch_variable(monkeypatch: pytest.MonkeyPatch, value: str | None,
         message = str(caught[0].message)
         assert f"{_OnByDefault.off_env}='disabled' is not an on/off value" in message
         assert "using the default (on)" in message
+
+
+def test_the_fused_qkv_patch_is_on_by_default_with_an_off_switch() -> None:
+    from unsloth_qwen_compat.patches.qwen2_fused_qkv_bias import Qwen2FusedQkvBias
+
+    assert Qwen2FusedQkvBias.opt_in_env is None
+    assert Qwen2FusedQkvBias.off_env == "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"

@@ -8,8 +8,8 @@ host two paths):
   the worker checks it was never imported;
 - ``unsloth``: stock Unsloth (``UNSLOTH_QWEN_COMPAT_DISABLE=1``: the shim is imported but
   patches nothing);
-- ``shim``: Unsloth with the shim active, opt-in speed patches included (they are
-  opt-in until this bench has measured them).
+- ``shim``: Unsloth with the shim active, its speed patches included (the fused QKV of
+  ``qwen2_fused_qkv_bias`` is on by default; a patch still opt-in is switched on here).
 
 Both Unsloth paths and the HF path load through :mod:`unsloth_qwen_compat.loading`, so
 quantization (NF4, double quant, bf16 compute) and LoRA (r=16, alpha=16, dropout 0,

@@ -55,7 +55,8 @@ def worker_env(path: str, device: str, gpu: str | None = None) -> dict[str, str]
         env.pop("UNSLOTH_QWEN_COMPAT_DISABLE", None)
     if path == "shim":
         # The bench is where opt-in speed patches get measured: the shim path runs them
-        # (an explicit "0" in the caller's environment still turns one off).
+        # (an explicit "0" in the caller's environment still turns one off). Patches on by
+        # default (qwen2_fused_qkv_bias) run there as they are; the caller's off switch is kept.
         from ..patches import all_patches
 
         for patch in all_patches():
