@@ -37,7 +37,7 @@ os.environ["CONFORMANCE_ORACLE"] = "1"
 
 import torch  # noqa: E402
 
-from conformance import chat_reference, inputs, zoo, zoo_tokenizer  # noqa: E402
+from conformance import chat_reference, inputs, peft_reference, zoo, zoo_tokenizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -400,6 +400,7 @@ HANDLERS = {
 def main(jobs_path: str) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    peft_reference.keep_module_targets()  # LoRA where the target names say (PEFT 0.21's MoE remap)
     jobs = json.loads(open(jobs_path, encoding="utf-8").read())
     for job in jobs:
         request = job["request"]
