@@ -104,10 +104,15 @@ def _run(args: list[str], log_name: str) -> float:
         )
     elapsed = time.perf_counter() - start
     if code != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
-        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
-        raise OracleError(f"oracle process failed: {last} (exit {code}, full log {log})\n{tail}")
+        raise _failure(log, code)
     return elapsed
+
+
+def _failure(log: Path, code: int) -> OracleError:
+    """The error of a child that exited with ``code``: its log's last line, and its tail."""
+    tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
+    last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+    return OracleError(f"oracle process failed: {last} (exit {code}, full log {log})\n{tail}")
 
 
 class _OracleProcess:
@@ -170,34 +175,16 @@ class _OracleProcess:
             code = server.run(jobs_file)
             elapsed = time.perf_counter() - start
         if code != 0:
-            tail = server.log.read_text(encoding="utf-8", errors="replace")[-4000:]
-            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
-            raise OracleError(f"oracle process failed: {last} (exit {code}, full log {server.log})\n{tail}")
+            raise _failure(server.log, code)
         return elapsed
 
 
 @contextlib.contextmanager
-def _exclusive(lock_file: Path):
-    """One process at a time computes into a shared cache (pytest-xdist workers, and the stock,
-    shim and mutation runs of a leg share one): the others wait, then find the results."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no sharing, each process computes what it lacks
-        yield
-        return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _try_exclusive(lock_file: Path):
-    """Yields whether this process holds ``lock_file`` (taken without waiting; held until exit).
-    Not POSIX: always True (no sharing)."""
+def _exclusive(lock_file: Path, wait: bool = True):
+    """Holds ``lock_file`` while the block runs and yields True; with ``wait=False``, yields
+    False at once where another process holds it. Shared caches use it (pytest-xdist workers,
+    and the stock, shim and mutation runs of a leg, share one): the zoo as a whole, each
+    oracle result on its own. Not POSIX: no sharing, always True."""
     try:
         import fcntl
     except ImportError:
@@ -206,7 +193,7 @@ def _try_exclusive(lock_file: Path):
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
@@ -272,7 +259,7 @@ class Oracle:
         with contextlib.ExitStack() as held:
             mine, theirs = [], []
             for path, request in missing.items():
-                if not held.enter_context(_try_exclusive(path.with_suffix(".lock"))):
+                if not held.enter_context(_exclusive(path.with_suffix(".lock"), wait=False)):
                     theirs.append((path, request))
                 elif not path.is_file():  # finished by another process before we got its lock
                     mine.append((path, request))
