@@ -173,9 +173,7 @@ def pytest_generate_tests(metafunc) -> None:
     # module-scoped fixtures that take ``entry_point`` are built once per entry point.
     if "entry_point" in metafunc.fixturenames:
         names = entry_points()
-        if metafunc.definition.get_closest_marker("xdist_group") or any(
-            mark.name == "xdist_group" for param in _marked_params(metafunc) for mark in param
-        ):
+        if _grouped(metafunc):
             # A grouped case (the RoPE grid: one group per family and RoPE type, whose loads and
             # references are batched) is grouped per entry point too: the two halves are separate
             # batches anyway, and 70 groups spread over the workers better than 35.
@@ -183,13 +181,14 @@ def pytest_generate_tests(metafunc) -> None:
         metafunc.parametrize("entry_point", names, indirect=True, scope="session")
 
 
-def _marked_params(metafunc) -> list:
-    """The marks of the parameter sets already given to ``metafunc``'s test (its own parametrize)."""
-    marks = []
-    for mark in metafunc.definition.iter_markers("parametrize"):
-        for value in mark.args[1] if len(mark.args) > 1 else []:
-            marks.append(list(getattr(value, "marks", ())))
-    return marks
+def _grouped(metafunc) -> bool:
+    """Whether the test's own parameter sets carry an xdist_group mark."""
+    return any(
+        mark.name == "xdist_group"
+        for parametrize in metafunc.definition.iter_markers("parametrize")
+        for value in parametrize.args[1]
+        for mark in getattr(value, "marks", ())
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -231,8 +230,7 @@ def zoo_models(pytestconfig) -> None:
     one process (without Unsloth). The oracle builds the models of its requests, but the families with no HF
     reference (fast_path, lora_targets) load models that no request names: selected alone
     on a fresh cache, they found nothing to load."""
-    names = {name for _, name in getattr(pytestconfig, "_conformance_needed", ())}
-    names |= getattr(pytestconfig, "_conformance_zoo_names", set())
+    names = getattr(pytestconfig, "_conformance_zoo_names", set())
     if names:
         oracle_client.ensure_zoo(names)
 
