@@ -19,6 +19,7 @@ import datetime as _dt
 import gc
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never needs the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,6 +45,7 @@ from conformance import (  # noqa: E402
     plan,
     report,
     versions,
+    warm_kernels,
     zoo,
 )
 
@@ -131,6 +133,12 @@ def pytest_configure(config) -> None:
         "shim": candidate.shim_state(),
     }
     config._conformance_report = report.ConformanceReport(config, header)
+    if settings.on_gpu and _xdist_controller(config):
+        # Set before the workers start, so they inherit it (warm_kernels.py).
+        os.environ[warm_kernels.DIR_ENV] = str(
+            zoo.cache_root() / "warm" / f"{os.getpid()}-{int(_dt.datetime.now().timestamp())}"
+        )
+        config._conformance_warm = []
     config.pluginmanager.register(config._conformance_report, "conformance-report")
     # Everything imported so far (torch, transformers, Unsloth's patched modules: ~620k objects)
     # lives as long as the process. Frozen, the garbage collector stops walking it: Unsloth's
@@ -138,6 +146,34 @@ def pytest_configure(config) -> None:
     # CPU (0.62 s on an H200 machine: 72 s of one worker's 263 s in a profile of the RoPE grid)
     # and takes under 1 ms frozen. Objects made later (models, tensors) are collected as before.
     gc.freeze()
+
+
+def _xdist_controller(config) -> bool:
+    workers = getattr(config.option, "numprocesses", None)
+    return bool(workers) and workers != "0" and not hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    """The controller starts the hybrid models' kernel warm-ups once the selection is known."""
+    config = node.config
+    if getattr(config, "_conformance_warm", None) == [] and os.environ.get(warm_kernels.DIR_ENV):
+        config._conformance_warm = warm_kernels.start(
+            Path(os.environ[warm_kernels.DIR_ENV]), list(ids), config._conformance_settings.dtype
+        ) or [None]  # started (or nothing to warm): once per session
+
+
+def pytest_unconfigure(config) -> None:
+    for process in getattr(config, "_conformance_warm", None) or []:
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+
+def _spec_of(item_or_request):
+    params = getattr(getattr(item_or_request, "callspec", None), "params", None)
+    if params is None:  # a fixture request
+        params = getattr(getattr(item_or_request.node, "callspec", None), "params", {})
+    return params.get("spec") or getattr(params.get("cell"), "spec", None)
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
@@ -165,6 +201,10 @@ def pytest_collection_modifyitems(config, items) -> None:
             zoo_names.add(spec.name)
     config._conformance_needed = needed
     config._conformance_zoo_names = zoo_names
+    # The hybrid models' cases last (a stable sort: the order is the same in every worker, as
+    # pytest-xdist requires): by the time the workers reach them, the kernel warm-ups
+    # (warm_kernels.py) have compiled what they need.
+    items.sort(key=lambda item: bool(getattr(_spec_of(item), "hybrid", False)))
 
 
 @pytest.hookimpl(trylast=True)  # after the modules' own parametrize: ids end in the entry point
@@ -204,12 +244,19 @@ def _current_entry_point(entry_point) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _hybrid_kernels_warm(request) -> None:
+    """A hybrid model's case waits for the session's kernel warm-ups (warm_kernels.py)."""
+    spec = _spec_of(request)
+    if spec is not None and spec.hybrid:
+        warm_kernels.wait()
+
+
+@pytest.fixture(autouse=True)
 def _model_type_this_transformers_lacks(request, entry_point, settings) -> None:
     """A zoo model whose type the installed transformers lacks (Qwen3.5 on transformers 4) has
     only a config-only checkpoint: its case is the loader's answer to it, which must be the
     shim's declared refusal (conformance/refusals.py), before any reference is asked for."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    spec = params.get("spec") or getattr(params.get("cell"), "spec", None)
+    spec = _spec_of(request)
     if spec is None or zoo.transformers_builds(spec):
         return
     oracle_client.ensure_zoo({spec.name})

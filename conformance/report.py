@@ -114,13 +114,18 @@ class ConformanceReport:
         counts: dict[str, int] = {}
         for row in self.rows.values():
             counts[row["result"]] = counts.get(row["result"], 0) + 1
+        # Under pytest-xdist a SIGINT (a time limit) can end the session with status 0 and no
+        # keyboard-interrupt hook: a selected case without a result is what says it stopped.
+        finished = sum(1 for row in self.rows.values() if row["result"] is not None)
+        stopped = self.collected is not None and finished < self.collected
         return {
             **self.header,
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - self.started, 1),
             "collected": self.collected,
             "exitstatus": self.exitstatus,
-            "interrupted": self.interrupted or self.exitstatus == int(pytest.ExitCode.INTERRUPTED),
+            "finished_cases": finished,
+            "interrupted": self.interrupted or stopped or self.exitstatus == int(pytest.ExitCode.INTERRUPTED),
             "counts": counts,
             "cases": list(self.rows.values()),
         }

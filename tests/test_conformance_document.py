@@ -269,3 +269,21 @@ def test_a_report_keeps_no_path_of_the_machine_it_ran_on():
             continue
         args = json.loads(path.read_text(encoding="utf-8")).get("pytest_args", [])
         assert not [a for a in args if a.startswith("/")], f"{path}: {args}"
+
+
+def test_a_run_with_selected_cases_left_unfinished_reads_as_interrupted() -> None:
+    """Under pytest-xdist a time limit's SIGINT can end the session with status 0 and no
+    keyboard-interrupt hook (seen on a GPU run): the cases without a result say it stopped."""
+    from conformance import report
+
+    run = report.ConformanceReport(config=None, header={"versions": {}})
+    run.collected, run.exitstatus = 3, 0
+    run.rows = {
+        "a": {"result": "pass"},
+        "b": {"result": None},  # started, never finished
+    }
+    data = run.summary()
+    assert (data["finished_cases"], data["interrupted"]) == (1, True)
+    run.rows["b"]["result"], run.rows["c"] = "fail", {"result": "pass"}
+    data = run.summary()
+    assert (data["finished_cases"], data["interrupted"]) == (3, False)
