@@ -83,12 +83,18 @@ def not_passed(legs: dict) -> list[str]:
 
 
 def _by_family(cases: dict[str, dict]) -> dict[str, list[tuple[str, str, str]]]:
-    """family -> [(case id, entry point, result)]."""
+    """family -> [(case id, entry point, result)]. The id is canonical: no xdist group, and the
+    entry point always named, so that a run from before ids named it (FastLanguageModel only)
+    and a newer one compare case by case."""
     out = defaultdict(list)
     for key, case in cases.items():
         match = CASE.fullmatch(key)
         if match:
-            out[match["family"]].append((key, match["entry"] or "FastLanguageModel", case["result"]))
+            entry = match["entry"] or "FastLanguageModel"
+            case_id = key.split("@")[0]
+            if not match["entry"]:
+                case_id = f"{case_id[:-1]}-{entry}]"
+            out[match["family"]].append((case_id, entry, case["result"]))
     return out
 
 

@@ -2,21 +2,25 @@
 
 Unsloth runs the gated-DeltaNet layers of Qwen3.5 / Qwen3.5-MoE / Qwen3-Next through Triton
 kernels (its vendored flash-linear-attention) that compile and autotune on first use. On one
-NVIDIA H200 the first fp32 forward of the tiny Qwen3.5 took 205 s in a worker (115 Triton
-compiles, beside 14 other workers), and with 14 pytest-xdist workers every worker met a hybrid
-model at about the same time and compiled the same kernels at once: the full leg never ended
-within its time limit. Triton keeps compiled kernels and autotune results on disk and
-inductor keeps compiled graphs there, so one process that compiles them first turns every
-worker's compile into a cache hit.
+NVIDIA H200 (leg 2026.10, fp32), the first forward of the tiny Qwen3.5 took 205 s in one
+process (115 Triton compiles) while 14 workers ran beside it; with 14 pytest-xdist workers
+every worker met a hybrid model at about the same time and compiled the same kernels at once,
+and the leg never ended within its time limit. Triton keeps compiled kernels and autotune
+results on disk and inductor keeps compiled graphs there, so one process that compiles them
+first turns every other process's compile into a cache hit. Measured there with this module:
+the NF4 warm-up of the six hybrid zoo models took 249.5 s (120.5 s of it the first model);
+the fp32 one, which then ran a LoRA backward in the same process, had not ended after 370 s.
 
-Under pytest-xdist on a GPU, the controller starts one warm-up process per dtype the hybrid
-cases compute in (the leg's dtype; bf16 for 4-bit) as soon as the workers report their
-collection (:func:`start`). The hybrid cases are ordered last (conftest.py), and each waits
-for the warm-ups to end (:func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The
-warm-up only fills caches: a case computes the same with or without it, and a warm-up that
-fails or is late costs time, never a result.
+Under pytest-xdist on a GPU, the controller starts the warm-ups the selected hybrid cases
+need as soon as the workers report their collection (:func:`start`), one process each: the
+leg's dtype (forward and KV-cache decode), the leg's dtype with a LoRA training step
+(backward kernels: the slowest to compile), and NF4 (4-bit weights, computed in bf16). The
+hybrid cases are ordered last (conftest.py), and each waits only for the warm-ups its test
+needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The warm-up
+only fills caches: a case computes the same with or without it, and a warm-up that fails or is
+late costs time, never a result.
 
-    python -m conformance.warm_kernels --dir DIR --dtype fp32 --models qwen3_5-plain,...
+    python -m conformance.warm_kernels --dir DIR --kind fp32-lora --models qwen3_5-plain,...
 """
 
 from __future__ import annotations
@@ -34,8 +38,19 @@ DIR_ENV = "CONFORMANCE_WARM_DIR"
 #: The longest a hybrid case waits for the warm-ups (then it compiles what it needs itself).
 WAIT_ENV = "CONFORMANCE_WARM_WAIT_S"
 DEFAULT_WAIT_S = 900.0
-#: The pseudo-dtype of the 4-bit cases: weights in NF4, computed in bf16.
+#: The warm-up of the 4-bit cases: weights in NF4, computed in bf16.
 NF4 = "nf4"
+#: Suffix of a warm-up that runs a LoRA training step (the backward kernels).
+LORA = "-lora"
+#: What a hybrid model's case needs warm, by test: its dtype's forward and decode kernels
+#: (``{dtype}``) unless listed. The chat-template and typo cases run no kernel.
+NEEDS = {
+    "test_lora_gradients": ("{dtype}", "{dtype}" + LORA),
+    "test_adapter_save_reload": ("{dtype}", "{dtype}" + LORA),
+    "test_nf4_logits": (NF4,),
+    "test_chat_template": (),
+    "test_lora_target_typo_is_rejected": (),
+}
 
 
 def hybrid_models(nodeids: list[str]) -> list[str]:
@@ -49,13 +64,18 @@ def hybrid_models(nodeids: list[str]) -> list[str]:
     ]
 
 
-def dtypes_needed(nodeids: list[str], dtype: str) -> list[str]:
-    """The leg's dtype, and NF4 where a 4-bit case of a hybrid model is selected."""
-    names = hybrid_models(nodeids)
-    nf4 = any(
-        "test_nf4_logits" in nodeid and any(f"[{name}" in nodeid for name in names) for nodeid in nodeids
-    )
-    return [dtype, *([NF4] if nf4 and dtype != NF4 else [])]
+def needs(nodeid: str, dtype: str) -> list[str]:
+    """The warm-ups one case waits for (none for a case of a non-hybrid model)."""
+    if not hybrid_models([nodeid]):
+        return []
+    test = nodeid.split("::")[-1].split("[")[0]
+    return [kind.format(dtype=dtype) for kind in NEEDS.get(test, ("{dtype}",))]
+
+
+def kinds_needed(nodeids: list[str], dtype: str) -> list[str]:
+    """Every warm-up the selected cases wait for, in a fixed order."""
+    wanted = {kind for nodeid in nodeids for kind in needs(nodeid, dtype)}
+    return [kind for kind in (dtype, dtype + LORA, NF4) if kind in wanted]
 
 
 def start(directory: Path, nodeids: list[str], dtype: str) -> list[subprocess.Popen]:
@@ -67,7 +87,7 @@ def start(directory: Path, nodeids: list[str], dtype: str) -> list[subprocess.Po
         return []
     directory.mkdir(parents=True, exist_ok=True)
     processes = []
-    for kind in dtypes_needed(nodeids, dtype):
+    for kind in kinds_needed(nodeids, dtype):
         log = open(directory / f"{kind}.log", "w", encoding="utf-8")  # noqa: SIM115 - the child's
         process = subprocess.Popen(
             [
@@ -76,7 +96,7 @@ def start(directory: Path, nodeids: list[str], dtype: str) -> list[subprocess.Po
                 "conformance.warm_kernels",
                 "--dir",
                 str(directory),
-                "--dtype",
+                "--kind",
                 kind,
                 "--models",
                 ",".join(names),
@@ -104,63 +124,64 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def wait(print_fn=print) -> float:
-    """Block until every warm-up of this session has ended (or the wait limit): seconds waited."""
+def wait(kinds: list[str], model: str, print_fn=print) -> float:
+    """Block until each warm-up in ``kinds`` has warmed ``model``, ended, or died (or the wait
+    limit passed): the seconds waited."""
     directory = os.environ.get(DIR_ENV)
-    if not directory:
+    if not directory or not kinds:
         return 0.0
     limit = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
     started = time.monotonic()
     said = False
     while True:
-        pending = []
-        for marker in Path(directory).glob("*.pending"):
-            done = marker.with_suffix(".done")
-            try:
-                pid = int(marker.read_text(encoding="utf-8") or 0)
-            except (OSError, ValueError):
-                continue
-            if not done.exists() and _alive(pid):
-                pending.append(marker.stem)
+        pending = [kind for kind in kinds if _pending(Path(directory), kind, model)]
         waited = time.monotonic() - started
         if not pending or waited >= limit:
             return waited
         if not said:
-            print_fn(
-                f"[warm kernels] waiting for the hybrid models' kernel warm-up ({', '.join(sorted(pending))})"
-            )
+            print_fn(f"[warm kernels] {model} waits for the kernel warm-up ({', '.join(pending)})")
             said = True
         time.sleep(1.0)
 
 
+def _pending(directory: Path, kind: str, model: str) -> bool:
+    marker = directory / f"{kind}.pending"
+    try:
+        pid = int(marker.read_text(encoding="utf-8") or 0)
+    except (OSError, ValueError):
+        return False  # not started: nothing to wait for
+    warmed = (directory / f"{kind}.done").exists() or (directory / f"{kind}.{model}.ok").exists()
+    return not warmed and _alive(pid)
+
+
 def _warm_one(name: str, kind: str) -> dict:
-    """One model through the paths the cases take: forward, KV-cache decode of a left-padded
-    batch, and (not 4-bit) a LoRA training step with Unsloth's gradient checkpointing."""
+    """One model through what the kind's cases run: a forward and a KV-cache decode of a
+    left-padded batch, or (``-lora``) one LoRA training step with Unsloth's checkpointing."""
     from conformance import candidate, inputs, plan, zoo, zoo_tokenizer
 
     spec = zoo.by_name(name)
-    four_bit = kind == NF4
+    four_bit, lora = kind == NF4, kind.endswith(LORA)
+    dtype = "bf16" if four_bit else kind.removesuffix(LORA)
     started = time.monotonic()
-    model, tokenizer = candidate.load(
-        spec, spec.max_position_embeddings, "bf16" if four_bit else kind, four_bit
-    )
+    model, tokenizer = candidate.load(spec, spec.max_position_embeddings, dtype, four_bit)
     high = zoo_tokenizer.regular_token_count(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = inputs.left_padded(7, [40, 23, 9], high, pad_id)
-    candidate.forward_logits(model, ids[:1])
-    candidate.greedy(model, ids, mask, 4, pad_id, use_cache=True)
-    if not four_bit:
+    if lora:
         model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
         candidate.training_mode(model)
         batch = ids[:1].to(candidate.device_of(model))
         model(input_ids=batch, labels=batch).loss.backward()
+    else:
+        candidate.forward_logits(model, ids[:1])
+        candidate.greedy(model, ids, mask, 4, pad_id, use_cache=True)
     return {"model": name, "seconds": round(time.monotonic() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conformance.warm_kernels", description=__doc__)
     parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--dtype", required=True, help=f"fp32 | bf16 | fp16 | {NF4}")
+    parser.add_argument("--kind", required=True, help=f"fp32 | bf16 | fp16 (each optionally {LORA}) | {NF4}")
     parser.add_argument("--models", required=True, help="comma-separated zoo model names")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -175,15 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         oracle_client.ensure_zoo(set(names))
         for name in names:
             try:
-                results.append(_warm_one(name, args.dtype))
+                results.append(_warm_one(name, args.kind))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as error:  # noqa: BLE001 - pytest's xfail of a refusal too: the case reports it
                 results.append({"model": name, "error": f"{type(error).__name__}: {error}"[:400]})
             print(json.dumps(results[-1]), flush=True)
+            (args.dir / f"{args.kind}.{name}.ok").write_text(json.dumps(results[-1]), encoding="utf-8")
     finally:
-        summary = {"dtype": args.dtype, "seconds": round(time.monotonic() - started, 1), "models": results}
-        (args.dir / f"{args.dtype}.done").write_text(json.dumps(summary), encoding="utf-8")
+        summary = {"kind": args.kind, "seconds": round(time.monotonic() - started, 1), "models": results}
+        (args.dir / f"{args.kind}.done").write_text(json.dumps(summary), encoding="utf-8")
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,15 @@ IDS = [
 ]
 
 
-def test_the_warm_up_covers_the_selected_hybrid_models_and_their_dtypes() -> None:
+def test_the_warm_up_covers_the_selected_hybrid_models_and_what_their_cases_run() -> None:
     assert warm_kernels.hybrid_models(IDS) == ["qwen3_5_moe-plain", "qwen3_next-yarn"]
-    assert warm_kernels.dtypes_needed(IDS, "fp32") == ["fp32", "nf4"]
-    assert warm_kernels.dtypes_needed(IDS[:2], "bf16") == ["bf16"]  # no 4-bit case of a hybrid model
+    assert warm_kernels.kinds_needed(IDS, "fp32") == ["fp32", "nf4"]
+    assert warm_kernels.needs(IDS[0], "fp32") == []  # not a hybrid model
+    lora = "conformance/test_lora.py::test_lora_gradients[qwen3_5-plain-FastModel]"
+    assert warm_kernels.needs(lora, "bf16") == ["bf16", "bf16-lora"]
+    assert warm_kernels.kinds_needed([*IDS, lora], "fp32") == ["fp32", "fp32-lora", "nf4"]
+    chat = "conformance/test_chat_template.py::test_chat_template[qwen3_5-plain-from_pretrained-FastModel]"
+    assert warm_kernels.needs(chat, "fp32") == [] and warm_kernels.kinds_needed([chat], "fp32") == []
     assert warm_kernels.hybrid_models(IDS[:1]) == []
 
 
@@ -50,7 +54,7 @@ def test_start_marks_each_warm_up_pending_before_its_child_runs(tmp_path: Path, 
     monkeypatch.setattr("conformance.zoo.transformers_builds", lambda spec: True)
     children = warm_kernels.start(tmp_path / "warm", IDS, "fp32")
     assert len(children) == 2
-    assert [c[c.index("--dtype") + 1] for c in started] == ["fp32", "nf4"]
+    assert [c[c.index("--kind") + 1] for c in started] == ["fp32", "nf4"]
     assert all(c[c.index("--models") + 1] == "qwen3_5_moe-plain,qwen3_next-yarn" for c in started)
     assert (tmp_path / "warm" / "fp32.pending").read_text() == "4242"
 
@@ -59,49 +63,45 @@ def _sleeper(seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
 
 
-def test_a_case_waits_until_the_warm_up_is_done(tmp_path: Path, monkeypatch) -> None:
+def test_a_case_waits_until_its_model_is_warm(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(warm_kernels.DIR_ENV, str(tmp_path))
     child = _sleeper(30)
     try:
-        (tmp_path / "fp32.pending").write_text(str(child.pid))
-        started = time.monotonic()
+        for kind in ("fp32", "fp32-lora"):
+            (tmp_path / f"{kind}.pending").write_text(str(child.pid))
+        (tmp_path / "fp32.qwen3_5-plain.ok").write_text("{}")  # the forward warm-up did this model
+        assert warm_kernels.wait(["fp32"], "qwen3_5-plain", lambda line: pytest.fail(line)) < 1.0
         writer = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(tmp_path / 'fp32.done')!r}).write_text('{{}}')",
+                f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(tmp_path / 'fp32-lora.done')!r}).write_text('{{}}')",
             ]
         )
         lines = []
-        waited = warm_kernels.wait(lines.append)
+        waited = warm_kernels.wait(["fp32", "fp32-lora"], "qwen3_5-plain", lines.append)
         writer.wait()
-        assert 1.0 <= waited < 10 and time.monotonic() - started < 10
-        assert lines and "fp32" in lines[0]
+        assert 1.0 <= waited < 10
+        assert lines == ["[warm kernels] qwen3_5-plain waits for the kernel warm-up (fp32-lora)"]
+        # Another model is not warm in the forward warm-up yet: it waits (here, to the limit).
+        monkeypatch.setenv(warm_kernels.WAIT_ENV, "1.2")
+        assert 1.2 <= warm_kernels.wait(["fp32"], "qwen3_next-plain", lambda line: None) < 5
     finally:
         child.kill()
         child.wait()
 
 
-def test_a_dead_warm_up_or_the_limit_ends_the_wait(tmp_path: Path, monkeypatch) -> None:
+def test_a_dead_or_unstarted_warm_up_ends_the_wait(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(warm_kernels.DIR_ENV, str(tmp_path))
     dead = _sleeper(0)
     dead.wait()
     (tmp_path / "fp32.pending").write_text(str(dead.pid))  # ended without writing fp32.done
-    assert warm_kernels.wait(lambda line: None) < 1.0
-
-    alive = _sleeper(30)
-    try:
-        (tmp_path / "nf4.pending").write_text(str(alive.pid))
-        monkeypatch.setenv(warm_kernels.WAIT_ENV, "1.5")
-        assert 1.5 <= warm_kernels.wait(lambda line: None) < 5
-    finally:
-        alive.kill()
-        alive.wait()
+    assert warm_kernels.wait(["fp32", "nf4"], "qwen3_5-plain", lambda line: pytest.fail(line)) < 1.0
 
 
 def test_without_a_warm_up_there_is_no_wait(monkeypatch) -> None:
     monkeypatch.delenv(warm_kernels.DIR_ENV, raising=False)
-    assert warm_kernels.wait(lambda line: pytest.fail("no wait expected")) == 0.0
+    assert warm_kernels.wait(["fp32"], "qwen3_5-plain", lambda line: pytest.fail(line)) == 0.0
 
 
 def test_the_hybrid_cases_are_collected_last() -> None:

@@ -78,3 +78,27 @@ def test_cells_say_right_patched_refused_and_wrong(tmp_path) -> None:
     assert "refused (1 cases, via FastLanguageModel)" in rows["Qwen3-Next"]
     assert "**WRONG**: 1 of 1 cases fail with the shim (via FastModel)" in rows["Qwen3-MoE"]
     assert rows["Qwen2 / Qwen2.5"].endswith("| - |")
+
+
+def test_a_stock_run_from_before_ids_named_the_entry_point_still_compares(tmp_path) -> None:
+    """Older reports ran FastLanguageModel only and their ids do not name it (and grid ids carry
+    an xdist group): their failures must count against the same cases of a newer shim run."""
+    _run(
+        tmp_path,
+        "a",
+        "shim",
+        "2026-12-02",
+        {
+            "test_rope_grid[qwen3-linear-past_coverage-109-FastLanguageModel]@FastLanguageModel_rope_grid-qwen3-linear": "pass",
+            "test_rope_grid[qwen3-linear-past_coverage-109-FastModel]@FastModel_rope_grid-qwen3-linear": "pass",
+        },
+    )
+    _run(
+        tmp_path,
+        "a",
+        "stock",
+        "2026-12-01",
+        {"test_rope_grid[qwen3-linear-past_coverage-109]@rope_grid-qwen3": "fail"},
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in model_table.table(model_table.read(tmp_path))}
+    assert "patched: 2 pass with the shim, stock fails 1" in rows["Qwen3"]
