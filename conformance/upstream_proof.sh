@@ -2,7 +2,7 @@
 # The retire proof on a GPU machine without network: the conformance suite on Unsloth with the
 # upstream patch series applied and the shim disabled, next to the shim on stock Unsloth.
 #
-#   conformance/upstream_proof.sh OUT [defects|rest|all] [-- PYTEST_ARGS]
+#   conformance/upstream_proof.sh OUT [defects|rest|core|hybrid|all] [-- PYTEST_ARGS]
 #
 # Needs .whl-common/ and .whl-2026.10/ (the leg's wheels) in the checkout; builds
 # .whl-2026.10-upstream/ from them (conformance/build_patched_unsloth.sh) unless it is there.
@@ -13,7 +13,12 @@
 #            fused QKV through FastLanguageModel (the path the series changes), the typo case
 #            through both entry points
 #   rest     every other case, through FastLanguageModel
+#   core     every case but the hybrid models' (Qwen3.5, Qwen3.5-MoE, Qwen3-Next), both entry points
+#   hybrid   the hybrid models' cases, both entry points (their first Triton compiles are most
+#            of a cold machine's time: conformance/warm_kernels.py)
 #   all      the whole suite, both entry points
+# core + hybrid is the whole suite: `python -m conformance.upstream_proof merge` joins each
+# run's two reports, then `compare` judges the joined pair.
 # and `status` of the patched install. Writes OUT/reports/<leg>/<run>/conformance.{json,md}
 # (python -m conformance.document --collect takes that folder), OUT/status-upstream.{txt,json},
 # OUT/patched.json (the wheel and diffs, with sha256) and OUT/compare.{md,json}, then prints
@@ -36,8 +41,10 @@ case $part in
   rest)
     select=(-m "not (rope or lora_targets or fused_qkv)")
     export CONFORMANCE_ENTRY_POINTS=FastLanguageModel ;;
+  core) select=(-k "not (qwen3_5 or qwen3_next)") ;;
+  hybrid) select=(-k "qwen3_5 or qwen3_next") ;;
   all) select=() ;;
-  *) echo "upstream_proof: PART must be defects, rest or all, not '$part'" >&2; exit 2 ;;
+  *) echo "upstream_proof: PART must be defects, rest, core, hybrid or all, not '$part'" >&2; exit 2 ;;
 esac
 started=$(date +%s)
 if [[ ! -d .whl-$leg-upstream ]]; then

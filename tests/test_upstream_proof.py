@@ -177,7 +177,7 @@ def test_the_proof_scripts_parse_and_name_their_parts(tmp_path) -> None:
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and "PART must be defects, rest or all" in done.stderr
+    assert done.returncode == 2 and "PART must be defects, rest, core, hybrid or all" in done.stderr
     assert list(tmp_path.iterdir()) == []  # refused before building or running anything
 
 
