@@ -16,6 +16,8 @@ runs (stock Unsloth) and says so in the report.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 try:
@@ -34,6 +36,32 @@ from unsloth import FastLanguageModel, FastModel  # noqa: E402
 
 from conformance import decode, zoo  # noqa: E402
 from conformance.zoo import ModelSpec  # noqa: E402
+
+
+def _exact_fp32_linear_attention() -> str:
+    """fp32 runs compute the hybrid models' linear attention in fp32, as the rest of the suite.
+
+    Unsloth's vendored flash-linear-attention (injected as ``fla`` on import, on a GPU) asks for
+    TF32 explicitly in the triangular solve of its chunked gated-delta-rule forward on Ampere
+    and newer (``SOLVE_TRIL_DOT_PRECISION``), which ``TRITON_F32_DEFAULT=ieee`` does not reach:
+    on an H200 the fp32 forward of the tiny Qwen3.5 left HF fp32 by 3.39e-5 (bound 1e-5). It is
+    a precision choice of fla's (HF with fla installed makes the same), not a Qwen defect of
+    Unsloth's, so the suite sets it to IEEE fp32 as it does torch's and Triton's TF32. Set once
+    here, before any kernel compiles: Triton refuses a global changed after a kernel used it.
+    Returns what the report records: ``ieee`` (set), or why not (left as fla has it)."""
+    if os.environ.get("CONFORMANCE_DTYPE", "fp32").lower() != "fp32":
+        return "left: not an fp32 run"
+    module = sys.modules.get("fla.ops.gated_delta_rule.chunk_fwd")
+    if module is None or not hasattr(module, "SOLVE_TRIL_DOT_PRECISION"):
+        return "left: no flash-linear-attention loaded"
+    import triton.language as tl
+
+    module.SOLVE_TRIL_DOT_PRECISION = tl.constexpr("ieee")
+    return "ieee"
+
+
+#: What the suite did to fla's explicit TF32 solve in this process (recorded in each report).
+LINEAR_ATTENTION_SOLVE = _exact_fp32_linear_attention()
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

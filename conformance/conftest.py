@@ -30,7 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # fp32 logits left HF fp32 by 1.3e-3 to 1.9e-3 on an H200, stock and shim alike: TF32's size of
 # error. It was not all of it: with this setting the fp32 forward of the tiny Qwen3.5 left HF by
 # 3.39e-5 there, because the chunked gated-delta-rule forward asks for TF32 explicitly in its
-# triangular solve (SOLVE_TRIL_DOT_PRECISION), which this variable does not reach.
+# triangular solve (SOLVE_TRIL_DOT_PRECISION), which this variable does not reach: fp32 runs
+# set that one in candidate.py.
 os.environ["TRITON_F32_DEFAULT"] = "ieee"
 # Triton autotuning results kept on disk (Triton >= 3.3), shared by the workers and the runs
 # of a leg: the flash-linear-attention kernels autotune on first use of each head shape, and the hybrid
@@ -131,7 +132,8 @@ def pytest_configure(config) -> None:
         "pytest_args": report.portable_args(config.invocation_params.args),
         "mutation": os.environ.get("CONFORMANCE_MUTATION", ""),
         "entry_points": entry_points(),
-        "versions": versions.collect(),
+        # fla's explicit TF32 solve, set to IEEE fp32 in fp32 runs (candidate.py), or why not.
+        "versions": {**versions.collect(), "fla_solve_tril_precision": candidate.LINEAR_ATTENTION_SOLVE},
         "shim": candidate.shim_state(),
     }
     config._conformance_report = report.ConformanceReport(config, header)
