@@ -180,7 +180,7 @@ class _OracleProcess:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_file: Path, wait: bool = True):
+def exclusive(lock_file: Path, wait: bool = True):
     """Holds ``lock_file`` while the block runs and yields True; with ``wait=False``, yields
     False at once where another process holds it. Shared caches use it (pytest-xdist workers,
     and the stock, shim and mutation runs of a leg, share one): the zoo as a whole, each
@@ -207,7 +207,7 @@ def ensure_zoo(names: set[str]) -> None:
     """Build missing zoo models in a process that never imports Unsloth."""
     if all(zoo.is_built(zoo.by_name(n)) for n in names):
         return
-    with _exclusive(zoo.cache_root() / "zoo.lock"):
+    with exclusive(zoo.cache_root() / "zoo.lock"):
         missing = sorted(n for n in names if not zoo.is_built(zoo.by_name(n)))
         if missing:
             elapsed = _run(["-m", "conformance.zoo", *missing], "zoo")
@@ -259,13 +259,13 @@ class Oracle:
         with contextlib.ExitStack() as held:
             mine, theirs = [], []
             for path, request in missing.items():
-                if not held.enter_context(_exclusive(path.with_suffix(".lock"), wait=False)):
+                if not held.enter_context(exclusive(path.with_suffix(".lock"), wait=False)):
                     theirs.append((path, request))
                 elif not path.is_file():  # finished by another process before we got its lock
                     mine.append((path, request))
             self._compute(mine)
         for path, request in theirs:
-            with _exclusive(path.with_suffix(".lock")):
+            with exclusive(path.with_suffix(".lock")):
                 if not path.is_file():
                     self._compute([(path, request)])
 

@@ -18,7 +18,8 @@ leg's dtype (forward and KV-cache decode), the leg's dtype with a LoRA training 
 hybrid cases are ordered last (conftest.py), and each waits only for the warm-ups its test
 needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The warm-up
 only fills caches: a case computes the same with or without it, and a warm-up that fails or is
-late costs time, never a result.
+late costs time, never a result. Warm-ups of one kind take turns on a machine (a lock per
+kind): runs side by side, as the retire proof's, compile each kernel once between them.
 
     python -m conformance.warm_kernels --dir DIR --kind fp32-lora --models qwen3_5-plain,...
 """
@@ -30,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,19 +196,34 @@ def main(argv: list[str] | None = None) -> int:
 
         names = [name for name in args.models.split(",") if name]
         oracle_client.ensure_zoo(set(names))
-        for name in names:
-            try:
-                results.append(_warm_one(name, args.kind))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as error:  # noqa: BLE001 - pytest's xfail of a refusal too: the case reports it
-                results.append({"model": name, "error": f"{type(error).__name__}: {error}"[:400]})
-            print(json.dumps(results[-1]), flush=True)
-            (args.dir / f"{args.kind}.{name}.ok").write_text(json.dumps(results[-1]), encoding="utf-8")
+        # One warm-up of a kind at a time on this machine: two runs side by side (the retire
+        # proof's shim and upstream runs) compile the same kernels; the second then finds them.
+        with oracle_client.exclusive(machine_lock(args.kind)):
+            _warm_all(names, args, results)
     finally:
         summary = {"kind": args.kind, "seconds": round(time.monotonic() - started, 1), "models": results}
         (args.dir / f"{args.kind}.done").write_text(json.dumps(summary), encoding="utf-8")
     return 0
+
+
+def machine_lock(kind: str) -> Path:
+    """The lock every warm-up of ``kind`` on this machine takes (Triton's cache is per user)."""
+    return (
+        Path(tempfile.gettempdir())
+        / f"unsloth-qwen-compat-warm-{os.getuid() if hasattr(os, 'getuid') else 0}-{kind}.lock"
+    )
+
+
+def _warm_all(names: list[str], args, results: list[dict]) -> None:
+    for name in names:
+        try:
+            results.append(_warm_one(name, args.kind))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - pytest's xfail of a refusal too: the case reports it
+            results.append({"model": name, "error": f"{type(error).__name__}: {error}"[:400]})
+        print(json.dumps(results[-1]), flush=True)
+        (args.dir / f"{args.kind}.{name}.ok").write_text(json.dumps(results[-1]), encoding="utf-8")
 
 
 if __name__ == "__main__":

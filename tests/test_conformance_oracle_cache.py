@@ -72,7 +72,7 @@ def test_a_result_whose_holder_failed_is_computed_by_the_waiter(oracle, monkeypa
     client = oracle_client.Oracle()
     path = client._path(_request("x"))
     # Another process holds x's lock and exits without writing it.
-    with oracle_client._exclusive(path.with_suffix(".lock"), wait=False) as held:
+    with oracle_client.exclusive(path.with_suffix(".lock"), wait=False) as held:
         assert held
         done = threading.Event()
         thread = threading.Thread(target=lambda: (client.fetch([_request("x")]), done.set()))

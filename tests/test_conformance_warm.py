@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,25 @@ def test_the_hybrid_cases_are_collected_last() -> None:
     assert len(ids) == 24, done.stdout[-2000:] + done.stderr[-2000:]
     hybrid = [warm_kernels.hybrid_models([nodeid]) != [] for nodeid in ids]
     assert hybrid == sorted(hybrid) and 0 < sum(hybrid) < len(ids)
+
+
+def test_warm_ups_of_one_kind_take_turns_on_a_machine(tmp_path: Path, monkeypatch) -> None:
+    """Two runs side by side (the retire proof) warm the same kernels: the second waits for the
+    first, then finds them compiled. Here another process holds the kind's lock for 2 s."""
+    import conformance.candidate  # noqa: F401  (imported before the clock starts: main() imports it)
+
+    entered = []
+    monkeypatch.setattr(
+        warm_kernels, "_warm_all", lambda names, args, results: entered.append(time.monotonic())
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; h = open(sys.argv[1], 'w'); fcntl.flock(h, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(2)", str(warm_kernels.machine_lock("fp32-test"))],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    assert warm_kernels.main(["--dir", str(tmp_path), "--kind", "fp32-test", "--models", ""]) == 0
+    holder.wait()
+    assert entered and entered[0] - started >= 1.5  # waited for the holder to let go
+    assert (tmp_path / "fp32-test.done").exists()
