@@ -18,8 +18,8 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import os
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never needs the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -139,10 +139,8 @@ def pytest_configure(config) -> None:
     config._conformance_report = report.ConformanceReport(config, header)
     if settings.on_gpu and _xdist_controller(config):
         # Set before the workers start, so they inherit it (warm_kernels.py).
-        os.environ[warm_kernels.DIR_ENV] = str(
-            zoo.cache_root() / "warm" / f"{os.getpid()}-{int(_dt.datetime.now().timestamp())}"
-        )
-        config._conformance_warm = []
+        config._conformance_warm_dir = zoo.cache_root() / "warm" / f"{os.getpid()}-{int(time.time())}"
+        os.environ[warm_kernels.DIR_ENV] = str(config._conformance_warm_dir)
     config.pluginmanager.register(config._conformance_report, "conformance-report")
     # Everything imported so far (torch, transformers, Unsloth's patched modules: ~620k objects)
     # lives as long as the process. Frozen, the garbage collector stops walking it: Unsloth's
@@ -159,24 +157,25 @@ def _xdist_controller(config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids) -> None:
-    """The controller starts the hybrid models' kernel warm-ups once the selection is known."""
+    """The controller starts the hybrid models' kernel warm-ups once the selection is known
+    (every worker reports the same selection: the first report starts them)."""
     config = node.config
-    if getattr(config, "_conformance_warm", None) == [] and os.environ.get(warm_kernels.DIR_ENV):
+    if getattr(config, "_conformance_warm_dir", None) and not hasattr(config, "_conformance_warm"):
         config._conformance_warm = warm_kernels.start(
-            Path(os.environ[warm_kernels.DIR_ENV]), list(ids), config._conformance_settings.dtype
-        ) or [None]  # started (or nothing to warm): once per session
+            config._conformance_warm_dir, list(ids), config._conformance_settings.dtype
+        )
 
 
 def pytest_unconfigure(config) -> None:
-    for process in getattr(config, "_conformance_warm", None) or []:
-        if process is not None and process.poll() is None:
+    for process in getattr(config, "_conformance_warm", []):
+        if process.poll() is None:
             process.terminate()
 
 
 def _spec_of(item_or_request):
-    params = getattr(getattr(item_or_request, "callspec", None), "params", None)
-    if params is None:  # a fixture request
-        params = getattr(getattr(item_or_request.node, "callspec", None), "params", {})
+    """The zoo model a case loads (a RoPE-grid cell's too), or None."""
+    item = getattr(item_or_request, "node", item_or_request)  # a fixture request's case
+    params = getattr(getattr(item, "callspec", None), "params", {})
     return params.get("spec") or getattr(params.get("cell"), "spec", None)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance import versions
+from conformance import raw_reports, versions
 
 PROPERTY = "conformance"
 
@@ -114,21 +114,20 @@ class ConformanceReport:
         counts: dict[str, int] = {}
         for row in self.rows.values():
             counts[row["result"]] = counts.get(row["result"], 0) + 1
-        # Under pytest-xdist a SIGINT (a time limit) can end the session with status 0 and no
-        # keyboard-interrupt hook: a selected case without a result is what says it stopped.
-        finished = sum(1 for row in self.rows.values() if row["result"] is not None)
-        stopped = self.collected is not None and finished < self.collected
-        return {
+        data = {
             **self.header,
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - self.started, 1),
             "collected": self.collected,
             "exitstatus": self.exitstatus,
-            "finished_cases": finished,
-            "interrupted": self.interrupted or stopped or self.exitstatus == int(pytest.ExitCode.INTERRUPTED),
+            "interrupted": self.interrupted or self.exitstatus == int(pytest.ExitCode.INTERRUPTED),
             "counts": counts,
             "cases": list(self.rows.values()),
         }
+        # Under pytest-xdist a SIGINT (a time limit) can end the session with status 0 and no
+        # keyboard-interrupt hook: a selected case without a result is what says it stopped.
+        data["interrupted"] = data["interrupted"] or bool(raw_reports.unfinished(data))
+        return data
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         data = self.summary()

@@ -214,9 +214,6 @@ def merge(reports: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
         "collected": sum(r["collected"] for r in reports)
         if all(isinstance(r.get("collected"), int) for r in reports)
         else None,
-        "finished_cases": sum(r["finished_cases"] for r in reports)
-        if all(isinstance(r.get("finished_cases"), int) for r in reports)
-        else None,
         "interrupted": any(bool(r.get("interrupted")) for r in reports),
         "seconds": round(sum(float(r.get("seconds", 0.0)) for r in reports), 1),
         "counts": counts,

@@ -283,7 +283,7 @@ def test_a_run_with_selected_cases_left_unfinished_reads_as_interrupted() -> Non
         "b": {"result": None},  # started, never finished
     }
     data = run.summary()
-    assert (data["finished_cases"], data["interrupted"]) == (1, True)
+    assert data["interrupted"] is True
     run.rows["b"]["result"], run.rows["c"] = "fail", {"result": "pass"}
     data = run.summary()
-    assert (data["finished_cases"], data["interrupted"]) == (3, False)
+    assert data["interrupted"] is False
