@@ -141,6 +141,7 @@ def pytest_configure(config) -> None:
         # Set before the workers start, so they inherit it (warm_kernels.py).
         config._conformance_warm_dir = zoo.cache_root() / "warm" / f"{os.getpid()}-{int(time.time())}"
         os.environ[warm_kernels.DIR_ENV] = str(config._conformance_warm_dir)
+        config._conformance_report.warm_dir = config._conformance_warm_dir
     config.pluginmanager.register(config._conformance_report, "conformance-report")
     # Everything imported so far (torch, transformers, Unsloth's patched modules: ~620k objects)
     # lives as long as the process. Frozen, the garbage collector stops walking it: Unsloth's

@@ -58,6 +58,11 @@ class ConformanceReport:
         self.collected: int | None = None
         self.exitstatus: int | None = None
         self.interrupted = False  # under pytest-xdist, SIGINT can end the session with status 0
+        # When each case started (workers forward it to the controller): a stopped run names
+        # the cases it was inside, and for how long, rather than only how many ended.
+        self.case_started: dict[str, float] = {}
+        # The hybrid kernels' warm-up folder (conftest.py sets it on a GPU run under xdist).
+        self.warm_dir: Path | None = None
 
     def pytest_collection_finish(self, session) -> None:
         self.collected = len(session.items)
@@ -65,6 +70,9 @@ class ConformanceReport:
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node, ids) -> None:  # the controller under -n
         self.collected = len(ids)
+
+    def pytest_runtest_logstart(self, nodeid, location) -> None:
+        self.case_started.setdefault(nodeid, time.time())
 
     def pytest_keyboard_interrupt(self, excinfo) -> None:
         self.interrupted = True
@@ -127,6 +135,18 @@ class ConformanceReport:
         # Under pytest-xdist a SIGINT (a time limit) can end the session with status 0 and no
         # keyboard-interrupt hook: a selected case without a result is what says it stopped.
         data["interrupted"] = data["interrupted"] or bool(raw_reports.unfinished(data))
+        now = time.time()
+        running = [
+            {"nodeid": nodeid, "seconds": round(now - started, 1)}
+            for nodeid, started in self.case_started.items()
+            if not (self.rows.get(nodeid) or {}).get("result")
+        ]
+        if running:
+            data["running"] = running
+        if self.warm_dir is not None:
+            from conformance import warm_kernels
+
+            data["warm_kernels"] = warm_kernels.state(self.warm_dir)
         return data
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -175,7 +195,23 @@ def header_lines(data: dict) -> list[str]:
         f"shim {shim_text}" + (f": {verdict}" if verdict else "") + (f"  [{patches}]" if patches else ""),
         versions.one_line(env),
         f"{counts}  ({data['seconds']}s, oracle {data.get('oracle_seconds', 0):.1f}s)",
+        *progress_lines(data),
     ]
+
+
+def progress_lines(data: dict) -> list[str]:
+    """What a stopped run was doing: the cases it was inside, and the kernel warm-ups' state."""
+    lines = [
+        f"still running when stopped: {case['nodeid'].split('::')[-1]} ({case['seconds']} s)"
+        for case in data.get("running", [])
+    ]
+    for kind, state in data.get("warm_kernels", {}).items():
+        models = ", ".join(
+            f"{m['model']} {m['seconds']} s" if "seconds" in m else f"{m['model']} {m.get('error', '?')[:80]}"
+            for m in state.get("models", [])
+        )
+        lines.append(f"kernel warm-up {kind}: {state['state']}" + (f" ({models})" if models else ""))
+    return lines
 
 
 def _metric_rows(case: dict):
@@ -228,6 +264,7 @@ def markdown(data: dict) -> str:
         "- result: "
         + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items(), key=lambda kv: str(kv[0])))
         + f" in {data['seconds']} s",
+        *(f"- {line}" for line in progress_lines(data)),
         "",
         "## Shim",
         "",

@@ -156,6 +156,40 @@ def _pending(directory: Path, kind: str, model: str) -> bool:
     return not warmed and _alive(pid)
 
 
+def state(directory: Path) -> dict[str, dict]:
+    """Each warm-up the session started: ``ended in N s`` / ``running`` / ``died`` (the end of
+    its log then), and the models it warmed so far with their seconds or error."""
+    found = {}
+    for marker in sorted(Path(directory).glob("*.pending")):
+        kind = marker.name.removesuffix(".pending")
+        models = []
+        for ok in sorted(Path(directory).glob(f"{kind}.*.ok"), key=lambda path: path.stat().st_mtime):
+            try:
+                models.append(json.loads(ok.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+        done = Path(directory) / f"{kind}.done"
+        entry: dict = {"models": models}
+        if done.exists():
+            try:
+                entry["state"] = f"ended in {json.loads(done.read_text(encoding='utf-8'))['seconds']} s"
+            except (OSError, ValueError, KeyError):
+                entry["state"] = "ended"
+        else:
+            try:
+                alive = _alive(int(marker.read_text(encoding="utf-8") or 0))
+            except (OSError, ValueError):
+                alive = False
+            entry["state"] = "running" if alive else "died"
+            try:
+                lines = (Path(directory) / f"{kind}.log").read_text(encoding="utf-8", errors="replace")
+                entry["log_tail"] = lines.splitlines()[-5:]
+            except OSError:
+                pass
+        found[kind] = entry
+    return found
+
+
 def _warm_one(name: str, kind: str) -> dict:
     """One model through what the kind's cases run: a forward and a KV-cache decode of a
     left-padded batch, or (``-lora``) one LoRA training step with Unsloth's checkpointing."""

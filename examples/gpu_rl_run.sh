@@ -23,7 +23,7 @@
 #   RL_SHAPES=qwen3-1.7b,qwen3-8b  RL_PRECISIONS=bf16,qlora  RL_PATHS=unsloth,shim,hf
 #   RL_PROCESS_PER=path  (paths run in that order, hf last: a run cut by the budget keeps
 #                        every stock-vs-shim pair and loses hf's slowest rows first)
-#   PHASES="grpo bench"  which steps to run
+#   PHASES="grpo bench"  which steps to run; GRPO_LOOPS="trl:bf16 custom:qlora" step 1's runs (LOOP:PRECISION)
 #   GRPO_SHAPE=qwen3-1.7b, BENCH_EXTRA=""   (a CPU rehearsal: GRPO_SHAPE=tiny BENCH_EXTRA="--device cpu"
 #                        RL_SHAPES=tiny-qwen3 RL_PATHS=hf RL_PRECISIONS=bf16; --compare-paths refuses
 #                        without CUDA, the rest runs)
@@ -85,7 +85,7 @@ if [[ $phases == *grpo* ]]; then
   (( cap < 30 )) && cap=30
   python3 "$repo/examples/grpo_trl.py" --make-checkpoint "$grpo/checkpoint" --shape "${GRPO_SHAPE:-qwen3-1.7b}" \
     >"$out/grpo-checkpoint.log" 2>&1 || say "grpo checkpoint: FAILED (log grpo-checkpoint.log)"
-  for spec in trl:bf16 custom:qlora; do
+  for spec in ${GRPO_LOOPS:-trl:bf16 custom:qlora}; do
     loop=${spec%%:*} precision=${spec#*:}
     (cd "$grpo" && timeout -s INT -k 10 "$cap" python3 "$repo/examples/grpo_trl.py" --compare-paths \
       --loop "$loop" --precision "$precision" --steps 5 --checkpoint "$grpo/checkpoint" --out "$grpo/$loop" \
@@ -96,7 +96,7 @@ fi
 wait "${pids[@]}"
 say "step 1 done"
 if [[ $phases == *grpo* ]]; then
-  for loop in trl custom; do
+  for loop in $(for spec in ${GRPO_LOOPS:-trl:bf16 custom:qlora}; do echo "${spec%%:*}"; done); do
     mkdir -p "$out/grpo-$loop"
     for f in "$grpo/$loop"/grpo.json "$grpo/$loop"/*.log "$grpo/$loop"/*/grpo.json; do
       [[ -f $f ]] && cp "$f" "$out/grpo-$loop/$(realpath --relative-to="$grpo/$loop" "$f" | tr / -)"
@@ -124,7 +124,7 @@ fi
 {
   if [[ $phases == *grpo* ]]; then
     echo "== GRPO example, both paths (examples/grpo_trl.py --compare-paths)"
-    for loop in trl custom; do
+    for loop in $(for spec in ${GRPO_LOOPS:-trl:bf16 custom:qlora}; do echo "${spec%%:*}"; done); do
       echo "-- --loop $loop: $(grep "grpo $loop" "$out/job.log" | tail -1)"
       grep -E "^(PASS|FAIL|SKIP) " "$out/grpo-$loop.log" 2>/dev/null || echo "(no verdict: see grpo-$loop.log)"
     done

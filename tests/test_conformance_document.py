@@ -287,3 +287,20 @@ def test_a_run_with_selected_cases_left_unfinished_reads_as_interrupted() -> Non
     run.rows["b"]["result"], run.rows["c"] = "fail", {"result": "pass"}
     data = run.summary()
     assert data["interrupted"] is False
+
+
+def test_a_stopped_run_names_the_cases_it_was_inside() -> None:
+    """A run stopped by its time limit says which cases were still running, and for how long:
+    on a GPU, a leg that ended no case in 445 s said nothing else."""
+    from conformance import report
+
+    run = report.ConformanceReport(config=None, header={"versions": {}})
+    run.collected, run.exitstatus = 3, 2
+    run.rows = {"a": {"result": "pass"}}
+    run.pytest_runtest_logstart("a", None)
+    run.pytest_runtest_logstart("b", None)
+    run.case_started["b"] -= 30
+    data = run.summary()
+    assert [case["nodeid"] for case in data["running"]] == ["b"]
+    assert data["running"][0]["seconds"] >= 30
+    assert any(line.startswith("still running when stopped: b (") for line in report.progress_lines(data))

@@ -139,3 +139,29 @@ def test_warm_ups_of_one_kind_take_turns_on_a_machine(tmp_path: Path, monkeypatc
     holder.wait()
     assert entered and entered[0] - started >= 1.5  # waited for the holder to let go
     assert (tmp_path / "fp32-test.done").exists()
+
+
+def test_the_report_reads_each_warm_up_state(tmp_path: Path) -> None:
+    """Ended (with its seconds), running, or died (with the end of its log), and the models
+    warmed so far: what a stopped run's report says about its kernel warm-ups."""
+    import json
+
+    ended, died = _sleeper(0), _sleeper(0)
+    ended.wait()
+    died.wait()
+    running = _sleeper(30)
+    try:
+        (tmp_path / "nf4.pending").write_text(str(ended.pid))
+        (tmp_path / "nf4.done").write_text(json.dumps({"kind": "nf4", "seconds": 12.5, "models": []}))
+        (tmp_path / "fp32.pending").write_text(str(running.pid))
+        (tmp_path / "fp32.qwen3_5-plain.ok").write_text(json.dumps({"model": "qwen3_5-plain", "seconds": 7.0}))
+        (tmp_path / "fp32-lora.pending").write_text(str(died.pid))
+        (tmp_path / "fp32-lora.log").write_text("compiling\nTraceback\nRuntimeError: boom\n")
+        state = warm_kernels.state(tmp_path)
+    finally:
+        running.kill()
+    assert state["nf4"]["state"] == "ended in 12.5 s"
+    assert state["fp32"]["state"] == "running"
+    assert state["fp32"]["models"] == [{"model": "qwen3_5-plain", "seconds": 7.0}]
+    assert state["fp32-lora"]["state"] == "died"
+    assert state["fp32-lora"]["log_tail"][-1] == "RuntimeError: boom"
