@@ -19,7 +19,9 @@ hybrid cases are ordered last (conftest.py), and each waits only for the warm-up
 needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The warm-up
 only fills caches: a case computes the same with or without it, and a warm-up that fails or is
 late costs time, never a result. Warm-ups of one kind take turns on a machine (a lock per
-kind): runs side by side, as the retire proof's, compile each kernel once between them.
+kind): runs side by side, as the retire proof's, compile each kernel once between them, and a
+case of a run whose turn has not come goes on once another run has warmed its model (a marker
+per machine, kind, model, unsloth_zoo and Triton cache: :func:`machine_marker`).
 
     python -m conformance.warm_kernels --dir DIR --kind fp32-lora --models qwen3_5-plain,...
 """
@@ -27,6 +29,7 @@ kind): runs side by side, as the retire proof's, compile each kernel once betwee
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -152,7 +155,11 @@ def _pending(directory: Path, kind: str, model: str) -> bool:
         pid = int(marker.read_text(encoding="utf-8") or 0)
     except (OSError, ValueError):
         return False  # not started: nothing to wait for
-    warmed = (directory / f"{kind}.done").exists() or (directory / f"{kind}.{model}.ok").exists()
+    warmed = (
+        (directory / f"{kind}.done").exists()
+        or (directory / f"{kind}.{model}.ok").exists()
+        or machine_marker(kind, model).exists()
+    )
     return not warmed and _alive(pid)
 
 
@@ -240,12 +247,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def machine_marker(kind: str, model: str) -> Path:
+    """Says that a warm-up on this machine has compiled ``model``'s kernels of ``kind`` into the
+    Triton cache this process uses, for this unsloth_zoo (whose vendored kernels they are). Runs
+    side by side take turns to warm (:func:`machine_lock`): a case of the run whose turn has not
+    come need not wait for its own warm-up to find what another run's compiled. A marker whose
+    cache was since emptied costs a case its compile, never a result."""
+    from importlib import metadata
+
+    try:
+        zoo_version = metadata.version("unsloth_zoo")
+    except metadata.PackageNotFoundError:
+        zoo_version = "none"
+    cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+    key = hashlib.sha256(f"{zoo_version}|{os.path.abspath(os.path.expanduser(cache))}".encode()).hexdigest()[
+        :12
+    ]
+    return machine_lock(kind).with_name(f"unsloth-qwen-compat-warm-{_uid()}-{kind}.{model}.{key}.ok")
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
 def machine_lock(kind: str) -> Path:
     """The lock every warm-up of ``kind`` on this machine takes (Triton's cache is per user)."""
-    return (
-        Path(tempfile.gettempdir())
-        / f"unsloth-qwen-compat-warm-{os.getuid() if hasattr(os, 'getuid') else 0}-{kind}.lock"
-    )
+    return Path(tempfile.gettempdir()) / f"unsloth-qwen-compat-warm-{_uid()}-{kind}.lock"
 
 
 def _warm_all(names: list[str], args, results: list[dict]) -> None:
@@ -258,6 +285,8 @@ def _warm_all(names: list[str], args, results: list[dict]) -> None:
             results.append({"model": name, "error": f"{type(error).__name__}: {error}"[:400]})
         print(json.dumps(results[-1]), flush=True)
         (args.dir / f"{args.kind}.{name}.ok").write_text(json.dumps(results[-1]), encoding="utf-8")
+        if "error" not in results[-1]:
+            machine_marker(args.kind, name).write_text(json.dumps(results[-1]), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@
 # machine's. LEG "installed": the interpreter's own packages, nothing installed. Only reports and logs go to OUT (checkpoints, compile caches and gradients stay
 # in $TMPDIR). The job stops itself at BUDGET_S seconds; what finished by then is in OUT.
 #
-# Environment (defaults sized for an 8-minute job on one NVIDIA H200):
+# Environment. Measured on one NVIDIA H200 (2026-12-03, leg 2026.10): a path's process took
+# 280 s for its four rows (Qwen3-1.7B and -8B, bf16 and qlora), 126 s of it the first row
+# (Unsloth compiles its blocks on first use), so the twelve rows need about 15 minutes: within
+# a 10-minute job, run one precision (RL_PRECISIONS=bf16, then qlora) per job.
 #   BUDGET_S=480        the whole job's wall clock
 #   GRPO_CAP_S=200      step 1's share of it (its runs are stopped at this)
-#   RL_PROMPTS=8 RL_REPLIES=4 RL_NEW_TOKENS=64 RL_WARMUP=1 RL_STEPS=2    bench --rl's step
+#   RL_PROMPTS=8 RL_REPLIES=4 RL_NEW_TOKENS=64 RL_WARMUP=2 RL_STEPS=2    bench --rl's step
 #   RL_SHAPES=qwen3-1.7b,qwen3-8b  RL_PRECISIONS=bf16,qlora  RL_PATHS=unsloth,shim,hf
 #   RL_PROCESS_PER=path  (paths run in that order, hf last: a run cut by the budget keeps
 #                        every stock-vs-shim pair and loses hf's slowest rows first)
@@ -65,7 +68,7 @@ bench_args=(
   --rl --process-per "${RL_PROCESS_PER:-path}" --shapes "${RL_SHAPES:-qwen3-1.7b,qwen3-8b}"
   --precisions "${RL_PRECISIONS:-bf16,qlora}" --paths "${RL_PATHS:-unsloth,shim,hf}"
   --prompts "${RL_PROMPTS:-8}" --replies "${RL_REPLIES:-4}" --new-tokens "${RL_NEW_TOKENS:-64}"
-  --warmup "${RL_WARMUP:-1}" --steps "${RL_STEPS:-2}" --cache-dir "$cache" --out "$bench_out"
+  --warmup "${RL_WARMUP:-2}" --steps "${RL_STEPS:-2}" --cache-dir "$cache" --out "$bench_out"
   ${BENCH_EXTRA:-}
 )
 
@@ -130,7 +133,7 @@ fi
     done
   fi
   [[ $phases == *bench* ]] || exit 0
-  echo "== bench --rl (sizes: ${RL_PROMPTS:-8} prompts x ${RL_REPLIES:-4} replies x ${RL_NEW_TOKENS:-64} new tokens, ${RL_WARMUP:-1} warm-up + ${RL_STEPS:-2} timed steps)"
+  echo "== bench --rl (sizes: ${RL_PROMPTS:-8} prompts x ${RL_REPLIES:-4} replies x ${RL_NEW_TOKENS:-64} new tokens, ${RL_WARMUP:-2} warm-up + ${RL_STEPS:-2} timed steps)"
   if [[ -s $out/bench-rl.txt ]]; then
     cat "$out/bench-rl.txt"
   else  # stopped by the budget: the report holds the cases that finished

@@ -40,7 +40,7 @@ def test_rl_plans_both_qwen3_shapes_both_precisions_three_paths_at_the_issue_siz
         for path in ("hf", "unsloth", "shim")
     ]
     assert {(c.batch, c.replies, c.seq_len) for c in cases} == {(8, 8, 256)}
-    assert (settings.warmup, settings.steps, settings.process_per) == (1, 3, "case")
+    assert (settings.warmup, settings.steps, settings.process_per) == (2, 3, "case")
     assert cases[0].id == "rl-qwen3-1.7b-bf16-hf"
     assert cases[0].describe() == "qwen3-1.7b bf16 hf: 8 prompts x 8 replies x 256 new tokens"
     # The loaders get room for the prompt above the new tokens.
@@ -115,7 +115,7 @@ def test_dry_run_says_how_many_processes(capsys: pytest.CaptureFixture[str]) -> 
     assert bench.main(["--dry-run", "--rl", "--process-per", "shape", "--prompts", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
-        "[1/12] qwen3-1.7b bf16 hf: 2 prompts x 8 replies x 256 new tokens, 1 warm-up + 3 timed steps"
+        "[1/12] qwen3-1.7b bf16 hf: 2 prompts x 8 replies x 256 new tokens, 2 warm-up + 3 timed steps"
         in lines
     )
     assert lines[-1].startswith("12 cases, in 6 processes (one per path and shape);")
@@ -178,8 +178,21 @@ def test_timed_steps_summary_medians_and_generated_tokens_per_second() -> None:
     assert summary["slice_median_s"]["generate"] == 1.6
     assert summary["generated_tokens_per_s"] == pytest.approx(300 / 5.6)
     assert summary["peak_allocated_gib"] == 6.0 and summary["slice_peak_gib"]["reference"] == 4.0
+    assert summary["step_spread"] == pytest.approx(1.5)
     with pytest.raises(ValueError):
         rl.summarize_rl_steps([])
+
+
+def test_a_row_whose_timed_steps_carry_a_compile_is_called_unsteady() -> None:
+    """Measured on an H200: with one warm-up step, Unsloth's second step compiled again (13.8 s
+    against 4.7 s): the page must not present that median without saying so."""
+    steady = {**_rl_result("unsloth", 4.7, 4.0), "step_spread": 1.1}
+    unsteady = {**_rl_result("shim", 9.3, 4.2), "step_spread": 13.8 / 4.7}
+    rows = report.summarize_rl([steady, unsteady])
+    assert [r["path"] for r in report.unsteady_rl_rows(rows)] == ["shim"]
+    text = report.render_markdown("rl", rows, Settings(process_per="path"), ["cmd"], "NVIDIA H200", {})
+    assert "Unsteady rows" in text and "qwen3-8b qlora shim (2.9x)" in text
+    assert "qwen3-8b qlora unsloth (" not in text
 
 
 # --------------------------------------------------------------------------------------

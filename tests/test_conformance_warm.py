@@ -154,7 +154,9 @@ def test_the_report_reads_each_warm_up_state(tmp_path: Path) -> None:
         (tmp_path / "nf4.pending").write_text(str(ended.pid))
         (tmp_path / "nf4.done").write_text(json.dumps({"kind": "nf4", "seconds": 12.5, "models": []}))
         (tmp_path / "fp32.pending").write_text(str(running.pid))
-        (tmp_path / "fp32.qwen3_5-plain.ok").write_text(json.dumps({"model": "qwen3_5-plain", "seconds": 7.0}))
+        (tmp_path / "fp32.qwen3_5-plain.ok").write_text(
+            json.dumps({"model": "qwen3_5-plain", "seconds": 7.0})
+        )
         (tmp_path / "fp32-lora.pending").write_text(str(died.pid))
         (tmp_path / "fp32-lora.log").write_text("compiling\nTraceback\nRuntimeError: boom\n")
         state = warm_kernels.state(tmp_path)
@@ -165,3 +167,47 @@ def test_the_report_reads_each_warm_up_state(tmp_path: Path) -> None:
     assert state["fp32"]["models"] == [{"model": "qwen3_5-plain", "seconds": 7.0}]
     assert state["fp32-lora"]["state"] == "died"
     assert state["fp32-lora"]["log_tail"][-1] == "RuntimeError: boom"
+
+
+def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Runs side by side take turns to warm a kind: the run whose turn has not come finds the
+    kernels another run compiled into the shared cache (the machine-wide marker) and goes on."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "machine"))
+    (tmp_path / "machine").mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    session = tmp_path / "session"
+    session.mkdir()
+    monkeypatch.setenv(warm_kernels.DIR_ENV, str(session))
+    waiting_for_turn = _sleeper(30)
+    try:
+        (session / "fp32.pending").write_text(str(waiting_for_turn.pid))
+        assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
+        warm_kernels.machine_marker("fp32", "qwen3_5-plain").write_text("{}")
+        assert not warm_kernels._pending(session, "fp32", "qwen3_5-plain")
+        assert warm_kernels._pending(session, "fp32", "qwen3_next-plain")  # another model still waits
+        # Another Triton cache is another set of kernels: its marker does not count.
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "other-triton"))
+        assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
+    finally:
+        waiting_for_turn.kill()
+
+
+def test_a_warm_up_marks_each_model_it_warmed_for_the_machine(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(warm_kernels, "_warm_one", lambda name, kind: {"model": name, "seconds": 1.0})
+    args = type("Args", (), {"dir": tmp_path, "kind": "fp32"})()
+    warm_kernels._warm_all(["qwen3_5-plain"], args, [])
+    assert warm_kernels.machine_marker("fp32", "qwen3_5-plain").exists()
+
+    def broken(name, kind):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(warm_kernels, "_warm_one", broken)
+    warm_kernels._warm_all(["qwen3_next-plain"], args, [])
+    assert not warm_kernels.machine_marker("fp32", "qwen3_next-plain").exists()  # failed: not warm

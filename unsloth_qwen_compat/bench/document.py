@@ -34,6 +34,7 @@ from .report import (
     rl_split_text,
     settings_of,
     summarize,
+    unsteady_rl_rows,
 )
 
 #: The shim's tokens/s over stock Unsloth's that counts as "not slower".
@@ -226,7 +227,15 @@ def rl_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"the shim at {_span(ratios)} stock Unsloth's step speed ({each}; target >= "
                 f"{SHIM_TARGET:.2f}: {verdict})"
             )
-        fastest = rl_fastest(group)
+        paths = sorted({row["path"] for row in group}, key=PATHS.index)
+        if len(paths) < len(PATHS):
+            parts.append(f"only {', '.join(paths)} measured")
+        # Where the time goes, from steady rows only: an unsteady one carries a compile.
+        unsteady = unsteady_rl_rows(group)
+        fastest = rl_fastest([row for row in group if row not in unsteady])
+        if unsteady:
+            each = ", ".join(f"{row['shape']} {row['precision']} {row['path']}" for row in unsteady)
+            parts.append(f"unsteady, left out of where the time goes: {each}")
         largest = sorted({row["largest_slice"] for row in fastest})
         if fastest:
             shares = [100 * row["slice_share"][row["largest_slice"]] for row in fastest]

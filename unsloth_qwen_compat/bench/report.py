@@ -332,6 +332,9 @@ def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if row.get("status") == "ok":
             step = row["median_step_s"]
             slices = row["slice_median_s"]
+            timed = [s["step_s"] for s in row.get("rl_steps", []) if not s.get("warmup")]
+            if "step_spread" not in row and timed:  # reports written before the field
+                row["step_spread"] = max(timed) / max(min(timed), 1e-9)
             row["slice_share"] = {name: slices[name] / step for name in RL_SLICES}
             row["largest_slice"] = max(RL_SLICES, key=lambda name: slices[name])
             hf = by_key.get((row["shape"], row["precision"], "hf"))
@@ -344,6 +347,15 @@ def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["shim_vs_unsloth"] = stock["median_step_s"] / step
         rows.append(row)
     return rows
+
+
+#: A row whose slowest timed step is more than this times its fastest is called unsteady.
+RL_STEADY_SPREAD = 1.5
+
+
+def unsteady_rl_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows whose timed steps differ by more than RL_STEADY_SPREAD (their median is suspect)."""
+    return [r for r in rows if r.get("status") == "ok" and r.get("step_spread", 1.0) > RL_STEADY_SPREAD]
 
 
 def rl_fastest(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -431,6 +443,16 @@ def _rl_markdown(rows: Sequence[Mapping[str, Any]], settings: Settings) -> list[
         "",
         markdown_table(RL_HEADER, rl_rows(rows)),
     ]
+    unsteady = unsteady_rl_rows(rows)
+    if unsteady:
+        lines += [
+            "",
+            f"Unsteady rows (slowest timed step over the fastest above {RL_STEADY_SPREAD}: a compile or "
+            "another one-off inside the timed steps; more --warmup steps): "
+            + ", ".join(
+                f"{r['shape']} {r['precision']} {r['path']} ({r['step_spread']:.1f}x)" for r in unsteady
+            ),
+        ]
     fastest = rl_fastest(rows)
     if fastest:
         lines += [
