@@ -205,10 +205,10 @@ def pytest_collection_modifyitems(config, items) -> None:
             zoo_names.add(spec.name)
     config._conformance_needed = needed
     config._conformance_zoo_names = zoo_names
-    # The hybrid models' cases last (a stable sort: the order is the same in every worker, as
-    # pytest-xdist requires): by the time the workers reach them, the kernel warm-ups
-    # (warm_kernels.py) have compiled what they need.
-    items.sort(key=lambda item: bool(getattr(_spec_of(item), "hybrid", False)))
+    # The hybrid models' cases last, those that wait for the slowest warm-up last of all (a
+    # stable sort: the order is the same in every worker, as pytest-xdist requires): by the time
+    # the workers reach them, the kernel warm-ups (warm_kernels.py) have compiled what they need.
+    items.sort(key=lambda item: warm_kernels.collection_rank(item.nodeid))
 
 
 @pytest.hookimpl(trylast=True)  # after the modules' own parametrize: ids end in the entry point

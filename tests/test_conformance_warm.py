@@ -117,6 +117,26 @@ def test_the_hybrid_cases_are_collected_last() -> None:
     assert len(ids) == 24, done.stdout[-2000:] + done.stderr[-2000:]
     hybrid = [warm_kernels.hybrid_models([nodeid]) != [] for nodeid in ids]
     assert hybrid == sorted(hybrid) and 0 < sum(hybrid) < len(ids)
+    # Among them, the forward cases (forward kernels) before the NF4 ones, each by model.
+    ranks = [warm_kernels.collection_rank(nodeid) for nodeid in ids]
+    assert ranks == sorted(ranks) and {rank[0] for rank in ranks} == {0, 2, 3}
+
+
+def test_hybrid_cases_are_ranked_by_the_warm_up_they_wait_for() -> None:
+    """Two cases a worker at first, in collection order: a worker that starts on a LoRA case
+    waits for the slowest warm-up and holds the cases behind it, so those come last."""
+    rank = warm_kernels.collection_rank
+    case = "conformance/{}::{}[{}-FastModel]".format
+    assert rank(case("test_forward.py", "test_forward_logits", "qwen2-plain")) == (0, 0)
+    order = [
+        case("test_chat_template.py", "test_chat_template", "qwen3_next-plain"),
+        case("test_forward.py", "test_forward_logits", "qwen3_5-plain"),
+        case("test_forward.py", "test_forward_logits", "qwen3_next-plain"),
+        case("test_quant4.py", "test_nf4_logits", "qwen3_5-plain"),
+        case("test_lora.py", "test_lora_gradients", "qwen3_5-plain"),
+        case("test_adapter.py", "test_adapter_save_reload", "qwen3_5_moe-plain"),
+    ]
+    assert sorted(order, key=rank) == order and len({rank(c) for c in order}) == len(order)
 
 
 def test_warm_ups_of_one_kind_take_turns_on_a_machine(tmp_path: Path, monkeypatch) -> None:
