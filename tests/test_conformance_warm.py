@@ -18,6 +18,15 @@ from conformance import warm_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+@pytest.fixture(autouse=True)
+def _a_machine_of_its_own(tmp_path_factory, monkeypatch) -> None:
+    """The machine-wide locks and markers (in the temporary folder) of this test alone: a real
+    run's markers on this machine would end its waits early."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("machine")))
+
 IDS = [
     "conformance/test_forward.py::test_forward_logits[qwen3-plain-FastLanguageModel]",
     "conformance/test_forward.py::test_forward_logits[qwen3_5_moe-plain-FastLanguageModel]",
