@@ -27,6 +27,7 @@ def _a_machine_of_its_own(tmp_path_factory, monkeypatch) -> None:
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("machine")))
 
+
 IDS = [
     "conformance/test_forward.py::test_forward_logits[qwen3-plain-FastLanguageModel]",
     "conformance/test_forward.py::test_forward_logits[qwen3_5_moe-plain-FastLanguageModel]",
