@@ -280,16 +280,17 @@ def machine_marker(kind: str, model: str) -> Path:
     key = hashlib.sha256(f"{zoo_version}|{os.path.abspath(os.path.expanduser(cache))}".encode()).hexdigest()[
         :12
     ]
-    return machine_lock(kind).with_name(f"unsloth-qwen-compat-warm-{_uid()}-{kind}.{model}.{key}.ok")
-
-
-def _uid() -> int:
-    return os.getuid() if hasattr(os, "getuid") else 0
+    return _machine_file(f"{kind}.{model}.{key}.ok")
 
 
 def machine_lock(kind: str) -> Path:
     """The lock every warm-up of ``kind`` on this machine takes (Triton's cache is per user)."""
-    return Path(tempfile.gettempdir()) / f"unsloth-qwen-compat-warm-{_uid()}-{kind}.lock"
+    return _machine_file(f"{kind}.lock")
+
+
+def _machine_file(name: str) -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"unsloth-qwen-compat-warm-{uid}-{name}"
 
 
 def _warm_all(names: list[str], args, results: list[dict]) -> None:

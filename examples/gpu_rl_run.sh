@@ -40,6 +40,8 @@ mkdir -p "$scratch"
 start=$SECONDS
 budget=${BUDGET_S:-480}
 phases=${PHASES:-grpo bench}
+grpo_runs=${GRPO_LOOPS:-trl:bf16 custom:qlora}  # LOOP:PRECISION each
+grpo_loops=$(for spec in $grpo_runs; do echo "${spec%%:*}"; done)
 left() { echo $((budget - (SECONDS - start))); }
 say() { echo "[gpu_rl_run +$((SECONDS - start))s] $*" | tee -a "$out/job.log"; }
 
@@ -88,7 +90,7 @@ if [[ $phases == *grpo* ]]; then
   (( cap < 30 )) && cap=30
   python3 "$repo/examples/grpo_trl.py" --make-checkpoint "$grpo/checkpoint" --shape "${GRPO_SHAPE:-qwen3-1.7b}" \
     >"$out/grpo-checkpoint.log" 2>&1 || say "grpo checkpoint: FAILED (log grpo-checkpoint.log)"
-  for spec in ${GRPO_LOOPS:-trl:bf16 custom:qlora}; do
+  for spec in $grpo_runs; do
     loop=${spec%%:*} precision=${spec#*:}
     (cd "$grpo" && timeout -s INT -k 10 "$cap" python3 "$repo/examples/grpo_trl.py" --compare-paths \
       --loop "$loop" --precision "$precision" --steps 5 --checkpoint "$grpo/checkpoint" --out "$grpo/$loop" \
@@ -99,7 +101,7 @@ fi
 wait "${pids[@]}"
 say "step 1 done"
 if [[ $phases == *grpo* ]]; then
-  for loop in $(for spec in ${GRPO_LOOPS:-trl:bf16 custom:qlora}; do echo "${spec%%:*}"; done); do
+  for loop in $grpo_loops; do
     mkdir -p "$out/grpo-$loop"
     for f in "$grpo/$loop"/grpo.json "$grpo/$loop"/*.log "$grpo/$loop"/*/grpo.json; do
       [[ -f $f ]] && cp "$f" "$out/grpo-$loop/$(realpath --relative-to="$grpo/$loop" "$f" | tr / -)"
@@ -127,7 +129,7 @@ fi
 {
   if [[ $phases == *grpo* ]]; then
     echo "== GRPO example, both paths (examples/grpo_trl.py --compare-paths)"
-    for loop in $(for spec in ${GRPO_LOOPS:-trl:bf16 custom:qlora}; do echo "${spec%%:*}"; done); do
+    for loop in $grpo_loops; do
       echo "-- --loop $loop: $(grep "grpo $loop" "$out/job.log" | tail -1)"
       grep -E "^(PASS|FAIL|SKIP) " "$out/grpo-$loop.log" 2>/dev/null || echo "(no verdict: see grpo-$loop.log)"
     done

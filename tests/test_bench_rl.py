@@ -178,7 +178,6 @@ def test_timed_steps_summary_medians_and_generated_tokens_per_second() -> None:
     assert summary["slice_median_s"]["generate"] == 1.6
     assert summary["generated_tokens_per_s"] == pytest.approx(300 / 5.6)
     assert summary["peak_allocated_gib"] == 6.0 and summary["slice_peak_gib"]["reference"] == 4.0
-    assert summary["step_spread"] == pytest.approx(1.5)
     with pytest.raises(ValueError):
         rl.summarize_rl_steps([])
 
@@ -186,9 +185,11 @@ def test_timed_steps_summary_medians_and_generated_tokens_per_second() -> None:
 def test_a_row_whose_timed_steps_carry_a_compile_is_called_unsteady() -> None:
     """Measured on an H200: with one warm-up step, Unsloth's second step compiled again (13.8 s
     against 4.7 s): the page must not present that median without saying so."""
-    steady = {**_rl_result("unsloth", 4.7, 4.0), "step_spread": 1.1}
-    unsteady = {**_rl_result("shim", 9.3, 4.2), "step_spread": 13.8 / 4.7}
+    steady = {**_rl_result("unsloth", 4.7, 4.0), "rl_steps": [_step(69.2, 4.5, 34.1, warmup=True),
+              _step(2.0, 1.5, 0.1), _step(3.0, 2.5, 0.1), _step(2.2, 1.6, 0.2)]}  # fmt: skip
+    unsteady = {**_rl_result("shim", 9.3, 4.2), "rl_steps": [_step(13.8, 4.4, 8.8), _step(4.7, 4.1, 0.2)]}
     rows = report.summarize_rl([steady, unsteady])
+    assert rows[0]["step_spread"] == pytest.approx(1.5)  # the warm-up step is not counted
     assert [r["path"] for r in report.unsteady_rl_rows(rows)] == ["shim"]
     text = report.render_markdown("rl", rows, Settings(process_per="path"), ["cmd"], "NVIDIA H200", {})
     assert "Unsteady rows" in text and "qwen3-8b qlora shim (2.9x)" in text

@@ -236,7 +236,4 @@ def summarize_rl_steps(timed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "slice_peak_gib": peaks,
         "peak_allocated_gib": max(known) if known else None,
         "losses": [s["loss"] for s in timed],
-        # Slowest over fastest timed step: far above 1, a compile (or another one-off) fell
-        # inside the timed steps and the median may carry it (the report says so).
-        "step_spread": max(s["step_s"] for s in timed) / max(min(s["step_s"] for s in timed), 1e-9),
     }
