@@ -17,6 +17,7 @@ with ``torch.save``. Models use eager attention; TF32 is off, so fp32 means fp32
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -93,6 +94,7 @@ def _truth_model(request: dict, peer=None):
             param.copy_(param.to(dtype).float())
         if request.get("quantization"):
             _copy_dequantized(peer, model)
+            _round_trip_packed(model, request["quantization"])
     if request.get("adapter_dir"):
         from peft import PeftModel
 
@@ -114,6 +116,32 @@ def _copy_dequantized(quantized, model) -> None:
             copied += 1
     if copied == 0:
         raise RuntimeError("4-bit reference: no Linear4bit module to dequantize")
+
+
+def _round_trip_packed(model, quant: dict) -> None:
+    """NF4-round, in place, the tensors the candidate packs beside the Linear layers
+    (``quant["packed_tensors"]``: fused MoE expert stacks, 3-D parameters bitsandbytes' HF path
+    keeps in bf16) as bitsandbytes packs a Params4bit: the bf16 value in memory order, blocks
+    of 64, the request's double quantization. Every named tensor must be found."""
+    wanted = set(quant.get("packed_tensors") or ())
+    if not wanted:
+        return
+    import bitsandbytes as bnb
+
+    from conformance.quantized import layer_path
+
+    found = set()
+    for name, param in model.named_parameters():
+        if layer_path(name) not in wanted:
+            continue
+        value = param.detach().to(torch.bfloat16).contiguous()
+        data, state = bnb.functional.quantize_4bit(
+            value, blocksize=64, quant_type=quant["quant_type"], compress_statistics=quant["double_quant"]
+        )
+        param.copy_(bnb.functional.dequantize_4bit(data, state).reshape(param.shape).float())
+        found.add(layer_path(name))
+    if found != wanted:
+        raise RuntimeError(f"4-bit reference: packed tensors not in the model: {sorted(wanted - found)[:4]}")
 
 
 def _rope_config(path, rope: dict):
@@ -168,6 +196,14 @@ def run_forward(request: dict, job: dict) -> dict:
             result["truth"] = {
                 "logits": truth(input_ids=ids.to(request["device"]), use_cache=False).logits[0].float().cpu()
             }
+            if (request.get("quantization") or {}).get("packed_tensors"):
+                # The peer must compute with the same 4-bit weights: HF's NF4 model keeps the
+                # packed tensors in bf16, so the peer is the truth's weights run in bf16, as
+                # Linear4bit runs (dequantized to bf16, bf16 compute).
+                peer = copy.deepcopy(truth).to(torch.bfloat16)
+                result["logits"] = (
+                    peer(input_ids=ids.to(request["device"]), use_cache=False).logits[0].float().cpu()
+                )
     return result
 
 

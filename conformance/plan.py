@@ -140,18 +140,25 @@ def chat(spec: ModelSpec) -> dict:
     }
 
 
-def nf4(spec: ModelSpec, skip_modules: list[str]) -> list[dict]:
-    """Reference for the 4-bit case: HF + bitsandbytes NF4 (bf16 compute), and plain bf16."""
+def nf4(spec: ModelSpec, skip_modules: list[str], packed_tensors: list[str] | None = None) -> list[dict]:
+    """Reference for the 4-bit case: HF + bitsandbytes NF4 (bf16 compute), and plain bf16.
+
+    ``packed_tensors``: parameters (``layers.N.<path>``) the candidate stores in NF4 beyond the
+    Linear layers bitsandbytes' HF path quantizes (Unsloth's fused MoE expert stacks). The
+    reference then NF4-rounds them too, so both compute with the same 4-bit weights."""
+    quantization = {
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "bf16",
+        "skip_modules": sorted(skip_modules),
+    }
+    if packed_tensors:
+        quantization["packed_tensors"] = sorted(packed_tensors)
     quantized = {
         **_base("forward", spec, "bf16", "cuda"),
         "seq_len": NF4_LEN,
         "seed": 3,
-        "quantization": {
-            "quant_type": "nf4",
-            "double_quant": True,
-            "compute_dtype": "bf16",
-            "skip_modules": sorted(skip_modules),
-        },
+        "quantization": quantization,
     }
     return [quantized, forward(spec, "bf16", "cuda", seq_len=NF4_LEN, seed=3)]
 

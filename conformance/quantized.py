@@ -22,3 +22,8 @@ def quantized_names(model) -> list[str]:
             if packed or (tensor.dtype == torch.uint8 and tensor.numel() > 1):
                 names.append(f"{module_name}.{tensor_name}")
     return sorted(names)
+
+
+def layer_path(name: str) -> str:
+    """A parameter name from ``layers.`` on: what a wrapped and an unwrapped model share."""
+    return name[name.index("layers.") :] if "layers." in name else name

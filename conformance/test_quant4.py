@@ -6,6 +6,7 @@ modules (Unsloth's SKIP_QUANTIZATION_MODULES: lm_head, MoE routers, ...). bitsan
 """
 
 import pytest
+import torch
 
 from conformance import candidate, plan, tolerances, zoo
 
@@ -30,24 +31,27 @@ def test_nf4_logits(spec, settings, oracle, candidates, record):
     only_candidate, only_hf = quantized - expected, expected - quantized
     # Unsloth (2026.x on transformers 5) also packs fused MoE expert tensors to NF4;
     # bitsandbytes' HF path cannot (3-D parameters, not Linear layers) and keeps them bf16.
-    # The two 4-bit models then differ by design: NF4-vs-NF4 parity applies only when both
-    # quantized the same weights, and the case checks that the difference is exactly that.
-    fused_experts = {n for n in only_candidate if n.endswith(FUSED_EXPERT_TENSORS)}
+    # The reference then NF4-rounds the same tensors (plan.nf4's packed_tensors), so the
+    # parity is checked against the 4-bit weights the candidate computes with, MoE included.
+    fused_experts = sorted(candidate.layer_key(n) for n in only_candidate if n.endswith(FUSED_EXPERT_TENSORS))
+    reference = nf4_reference
+    if fused_experts:
+        (reference,) = oracle.fetch(plan.nf4(spec, skip_modules, packed_tensors=fused_experts)[:1])
+        assert torch.equal(reference["input_ids"], nf4_reference["input_ids"])
+        record.note("expert_tensors_nf4_only_in_unsloth", len(fused_experts))
+    # Against fp32 on the dequantized weights, within 2.5x HF NF4's own rounding error.
     measurements = [
-        ("nf4_vs_hf_bf16", "nf4_vs_bf16_rel", tolerances.rel_error(logits, bf16_reference["logits"])),
+        ("nf4_vs_hf_nf4", "nf4_vs_hf_nf4_rel", *tolerances.against_truth(reference, "logits", logits)),
         (
             "quantized_modules_mismatch",
             "quantized_modules_mismatch",
-            len(only_hf) + len(only_candidate - fused_experts),
+            len(only_hf) + len(only_candidate) - len(fused_experts),
         ),
     ]
-    if not fused_experts:
-        # Against fp32 on the dequantized weights, within 2.5x HF NF4's own rounding error.
-        nf4_rel = tolerances.against_truth(nf4_reference, "logits", logits)
-        measurements.insert(0, ("nf4_vs_hf_nf4", "nf4_vs_hf_nf4_rel", *nf4_rel))
-    else:
-        # nf4_vs_hf_nf4 is not comparable here; report how many tensors differ instead.
-        record.note("expert_tensors_nf4_only_in_unsloth", len(fused_experts))
+    # The quantization error itself, for the record: 0.33-0.45 on the dense and MoE zoo models,
+    # 0.60-0.81 on the hybrid ones (H200, every Unsloth run alike). It bounds nothing: the
+    # parity above is 10x tighter and catches what a sanity bound on it would.
+    record.note("nf4_vs_hf_bf16", tolerances.rel_error(logits, bf16_reference["logits"]))
     tolerances.check(
         record,
         measurements,
