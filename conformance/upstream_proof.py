@@ -1,7 +1,7 @@
 """The retire proof: stock Unsloth with the shim vs Unsloth with the upstream series, shim off.
 
     python3 -m conformance.upstream_proof compare SHIM.json UPSTREAM.json [--out DIR]
-    python3 -m conformance.upstream_proof merge A.json B.json ... -o MERGED.json
+    python3 -m conformance.upstream_proof merge A.json B.json ... -o MERGED.json [--rerun]
 
 ``compare`` reads two ``conformance.json`` reports (report.py): the shim's run on the stock
 release, and the run on the patched release (``conformance/build_patched_unsloth.sh``) with
@@ -17,6 +17,9 @@ with ``--out``, to ``DIR/compare.md`` and ``DIR/compare.json``.
 ``merge`` joins the reports of runs that each ran part of the suite (the proof in several
 commands, each within a time limit) into one report, as if one run had run them all: the
 header of the first, every case (a case in two reports is an error), the counts recomputed.
+``merge --rerun`` puts re-runs over a whole run's report: the cases a stopped run left
+unended, or cases run again after their test changed; the later result wins and the report
+lists which cases came from which part (``reran``).
 Imports neither torch nor Unsloth.
 """
 
@@ -175,20 +178,29 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge(reports: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False) -> dict[str, Any]:
+    """Join part reports. Without ``rerun`` the parts ran different cases (a case in two is an
+    error). With ``rerun`` the first report is the whole selection and each later one re-ran
+    some of its cases (those a stopped run left unended, or whose test changed since): a case
+    a later part ended replaces the earlier one, and the report is complete when every case
+    the first selected has ended."""
     if not reports:
         raise ValueError("nothing to merge")
     seen: dict[str, str] = {}
-    cases = []
+    by_name: dict[str, dict[str, Any]] = {}
+    reran: dict[str, str] = {}
     for report, source in zip(reports, sources):
         for case in report.get("cases", []):
             name = case_name(case)
-            if name in seen:
+            if name in seen and not rerun:
                 raise ValueError(
                     f"{name} is in both {seen[name]} and {source}: merge parts that ran different cases"
                 )
+            if name in seen:
+                reran[name] = source
             seen[name] = source
-            cases.append(case)
+            by_name[name] = case
+    cases = list(by_name.values())
     first = reports[0]
     for report, source in zip(reports[1:], sources[1:]):
         for key in ("dtype", "candidate_mode", "device", "mutation"):
@@ -202,6 +214,28 @@ def merge(reports: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
     args: list[str] = []
     for report in reports:
         args += report.get("pytest_args", [])
+    if rerun:
+        collected = first.get("collected")
+        if isinstance(collected, int) and len(cases) > collected:
+            raise ValueError(
+                f"{len(cases)} cases, more than the {collected} {sources[0]} selected: not a re-run of it"
+            )
+        return {
+            **first,
+            "pytest_args": args,
+            "merged_from": [
+                {"source": s, "date": r.get("date"), "pytest_args": r.get("pytest_args")}
+                for r, s in zip(reports, sources)
+            ],
+            "reran": reran,
+            "finished": max(str(r.get("finished", "")) for r in reports),
+            "collected": collected,
+            "finished_cases": len(cases),
+            "interrupted": not isinstance(collected, int) or len(cases) < collected,
+            "seconds": round(sum(float(r.get("seconds", 0.0)) for r in reports), 1),
+            "counts": counts,
+            "cases": cases,
+        }
     return {
         **first,
         "pytest_args": args,
@@ -233,11 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="join reports of runs that ran different parts of the suite")
     m.add_argument("reports", type=Path, nargs="+")
     m.add_argument("-o", "--output", type=Path, required=True)
+    m.add_argument(
+        "--rerun",
+        action="store_true",
+        help="the first report is the whole selection; later ones re-ran some of its cases (they win)",
+    )
     args = parser.parse_args(argv)
     if args.command == "merge":
         data = [json.loads(p.read_text(encoding="utf-8")) for p in args.reports]
         try:
-            merged = merge(data, [str(p) for p in args.reports])
+            merged = merge(data, [str(p) for p in args.reports], rerun=args.rerun)
         except ValueError as error:
             print(f"merge: {error}", file=sys.stderr)
             return 2

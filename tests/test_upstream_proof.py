@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conformance import rope_table, upstream_proof
+from conformance import raw_reports, rope_table, upstream_proof
 
 from .conftest import REPO
 
@@ -149,6 +149,27 @@ def test_merge_joins_parts_and_refuses_overlaps(tmp_path) -> None:
         upstream_proof.merge([a, a], ["a.json", "again.json"])
     with pytest.raises(ValueError, match="another Unsloth"):
         upstream_proof.merge([a, _report([_case(TYPO, "pass")], unsloth="2025.10.12")], ["a", "c"])
+
+
+def test_merge_rerun_puts_later_results_over_a_stopped_run(tmp_path) -> None:
+    """A run stopped at its time limit (one case never ended) and a re-run of that case and of
+    one whose test changed: the later results win, and the whole is complete only when every
+    case the first run selected has ended."""
+    whole = _report([_case(QWEN, "pass"), _case(CONTROL, "fail")], interrupted=True)
+    whole["collected"] = 3
+    again = _report([_case(CONTROL, "pass"), _case(TYPO, "pass")])
+    merged = upstream_proof.merge([whole, again], ["whole", "again"], rerun=True)
+    assert merged["counts"] == {"pass": 3}
+    assert merged["collected"] == 3 and merged["finished_cases"] == 3 and merged["interrupted"] is False
+    assert merged["reran"] == {upstream_proof.case_name(_case(CONTROL, "pass")): "again"}
+    assert raw_reports.is_complete(merged)
+    partial = upstream_proof.merge([whole, _report([_case(CONTROL, "pass")])], ["whole", "again"], rerun=True)
+    assert partial["interrupted"] is True and not raw_reports.is_complete(partial)
+    whole["collected"] = 2
+    with pytest.raises(ValueError, match="not a re-run of it"):
+        upstream_proof.merge([whole, again], ["whole", "again"], rerun=True)
+    with pytest.raises(ValueError, match="is in both"):
+        upstream_proof.merge([whole, again], ["whole", "again"])
 
 
 def test_the_command_line_writes_the_comparison_and_exits_by_the_verdict(tmp_path) -> None:
