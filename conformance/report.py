@@ -63,6 +63,9 @@ class ConformanceReport:
         self.case_started: dict[str, float] = {}
         # The hybrid kernels' warm-up folder (conftest.py sets it on a GPU run under xdist).
         self.warm_dir: Path | None = None
+        # The report as written at the session's end, and where (None: not written).
+        self.data: dict | None = None
+        self.written: Path | None = None
 
     def pytest_collection_finish(self, session) -> None:
         self.collected = len(session.items)
@@ -78,7 +81,24 @@ class ConformanceReport:
         self.interrupted = True
 
     def pytest_sessionfinish(self, session, exitstatus) -> None:  # before the terminal summary
+        """Write the report here, not in the terminal summary: pytest skips the summary after an
+        internal error, which is how pytest-xdist's controller can end when a time limit's
+        SIGINT reaches it inside its event loop (seen on an H200: no report was written). Only
+        the controller writes (or a run without xdist): a worker holds only its own cases, and
+        its report, left in place by a controller that did not write, read as the whole run's."""
         self.exitstatus = int(exitstatus)
+        if self.config is None or hasattr(self.config, "workerinput"):
+            return
+        self.data = self.summary()
+        directory = self.config.getoption("conformance_report")
+        if directory:
+            out = Path(directory)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "conformance.json").write_text(
+                json.dumps(self.data, indent=1, default=str), encoding="utf-8"
+            )
+            (out / "conformance.md").write_text(markdown(self.data), encoding="utf-8")
+            self.written = out
 
     def pytest_runtest_logreport(self, report) -> None:
         row = self.rows.setdefault(
@@ -150,7 +170,9 @@ class ConformanceReport:
         return data
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        data = self.summary()
+        if self.data is None:
+            return  # an xdist worker: the controller reports
+        data = self.data
         write = terminalreporter.write_line
         terminalreporter.section("conformance summary")
         # One line per case, then the header: the end of the output is what a remote run shows.
@@ -158,12 +180,8 @@ class ConformanceReport:
             write(line)
         for line in header_lines(data):
             write(line)
-        directory = self.config.getoption("conformance_report")
-        if directory:
-            out = Path(directory)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "conformance.json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-            (out / "conformance.md").write_text(markdown(data), encoding="utf-8")
+        if self.written is not None:
+            out = self.written
             write(f"conformance report written to {out / 'conformance.json'} and {out / 'conformance.md'}")
 
 

@@ -304,3 +304,44 @@ def test_a_stopped_run_names_the_cases_it_was_inside() -> None:
     assert [case["nodeid"] for case in data["running"]] == ["b"]
     assert data["running"][0]["seconds"] >= 30
     assert any(line.startswith("still running when stopped: b (") for line in report.progress_lines(data))
+
+
+def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_error(tmp_path) -> None:
+    """On an H200 a time limit's SIGINT reached pytest-xdist's controller inside its event loop:
+    pytest ended with an internal error, skipped the terminal summary where the report was
+    written, and a worker's report (its 53 cases of the run's 238) was left as the run's."""
+    from conformance import report
+
+    header = {
+        "date": "2026-12-03T11:00:00+00:00",
+        "versions": {"gpu": "NVIDIA H200"},
+        "candidate_mode": "gpu",
+        "dtype": "fp32",
+        "device": "cuda",
+        "shim": {"installed": True, "enabled": True},
+    }
+
+    class Config:
+        def __init__(self, directory, worker: bool) -> None:
+            self.directory = directory
+            if worker:
+                self.workerinput = {"workerid": "gw0"}
+
+        def getoption(self, name):
+            assert name == "conformance_report"
+            return str(self.directory)
+
+    worker = report.ConformanceReport(config=Config(tmp_path / "w", worker=True), header=dict(header))
+    worker.rows = {"a": {"result": "pass"}}
+    worker.pytest_sessionfinish(session=None, exitstatus=2)
+    assert not (tmp_path / "w").exists()
+
+    controller = report.ConformanceReport(config=Config(tmp_path / "c", worker=False), header=dict(header))
+    controller.collected = 2
+    controller.rows = {
+        "a": {"case": "a", "nodeid": "t::a", "result": "pass", "metrics": [], "reason": "", "seconds": 1.0}
+    }
+    controller.pytest_sessionfinish(session=None, exitstatus=3)  # INTERNAL_ERROR: no terminal summary
+    data = json.loads((tmp_path / "c" / "conformance.json").read_text())
+    assert data["exitstatus"] == 3 and data["interrupted"] is True and data["counts"] == {"pass": 1}
+    assert (tmp_path / "c" / "conformance.md").is_file()
