@@ -80,7 +80,11 @@ def markdown_table(reports: Path) -> str:
     ]
     for leg in LEGS:
         runs = read_reports(reports, leg.name)
-        cell = conformance_cell(runs) if runs or leg.measured else "no committed run (partial runs: conformance-reports/evidence/)"
+        cell = (
+            conformance_cell(runs)
+            if runs or leg.measured
+            else "no committed run (partial runs: conformance-reports/evidence/)"
+        )
         rows.append(
             f"| {leg.name} | {leg.unsloth} | {leg.unsloth_zoo} | {leg.transformers} | {leg.trl} "
             f"| {leg.peft} | {cell} |"
