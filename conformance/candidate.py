@@ -35,6 +35,7 @@ import unsloth  # noqa: E402,F401  (after the shim, before transformers)
 from unsloth import FastLanguageModel, FastModel  # noqa: E402
 
 from conformance import decode, zoo  # noqa: E402
+from conformance.quantized import layer_path, quantized_names  # noqa: E402
 from conformance.zoo import ModelSpec  # noqa: E402
 
 
@@ -240,8 +241,7 @@ def layer_key(parameter_name: str) -> str:
     Wrappers differ in prefix (PeftModel / base_model / model) and the live name carries the
     adapter name (``.default``) that a saved adapter drops; the layer path is what must match.
     """
-    name = parameter_name.replace(".default", "")
-    return name[name.index("layers.") :] if "layers." in name else name
+    return layer_path(parameter_name.replace(".default", ""))
 
 
 def load_adapter_tensors(model, adapter_dir: str) -> int:
@@ -336,6 +336,4 @@ def greedy(
 
 def quantized_module_names(model) -> list[str]:
     """Layer paths of the weights stored in 4 bits (prefix-free, see layer_key)."""
-    from conformance.quantized import quantized_names
-
     return sorted(layer_key(name) for name in quantized_names(model))

@@ -25,11 +25,12 @@ user=${USER:-$(id -un)}
 triton=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 inductor=/tmp/torchinductor_$user
 mega=${UNSLOTH_MEGA_CACHE_DIR:-$HOME/.cache/unsloth/mega_cache}
+caches=("triton:$triton" "inductor:$inductor" "unsloth:$mega")  # NAME:DIR, as in the archive
 
 if [[ $command == pack ]]; then
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
-  for pair in "triton:$triton" "inductor:$inductor" "unsloth:$mega"; do
+  for pair in "${caches[@]}"; do
     name=${pair%%:*} dir=${pair#*:}
     if [[ -d $dir ]]; then
       ln -s "$dir" "$stage/$name"
@@ -50,7 +51,7 @@ else
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
   cat "${parts[@]}" | xz -dc | tar -xC "$stage"
-  for pair in "triton:$triton" "inductor:$inductor" "unsloth:$mega"; do
+  for pair in "${caches[@]}"; do
     name=${pair%%:*} dir=${pair#*:}
     if [[ -d $stage/$name ]]; then
       mkdir -p "$dir"

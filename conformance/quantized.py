@@ -25,5 +25,6 @@ def quantized_names(model) -> list[str]:
 
 
 def layer_path(name: str) -> str:
-    """A parameter name from ``layers.`` on: what a wrapped and an unwrapped model share."""
+    """A parameter name from ``layers.`` on: what a wrapped and an unwrapped model share (the
+    oracle's side of candidate.layer_key, which also drops PEFT's adapter name)."""
     return name[name.index("layers.") :] if "layers." in name else name

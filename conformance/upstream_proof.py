@@ -197,6 +197,8 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
                     f"{name} is in both {seen[name]} and {source}: merge parts that ran different cases"
                 )
             if name in seen:
+                if not case.get("result"):
+                    continue  # a re-run stopped inside it: the earlier result stands
                 reran[name] = source
             seen[name] = source
             by_name[name] = case
@@ -215,26 +217,26 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
     for report in reports:
         args += report.get("pytest_args", [])
     if rerun:
+        # The first report's selection is the whole; complete when every case of it has ended.
         collected = first.get("collected")
         if isinstance(collected, int) and len(cases) > collected:
             raise ValueError(
                 f"{len(cases)} cases, more than the {collected} {sources[0]} selected: not a re-run of it"
             )
-        return {
-            **first,
-            "pytest_args": args,
-            "merged_from": [
-                {"source": s, "date": r.get("date"), "pytest_args": r.get("pytest_args")}
-                for r, s in zip(reports, sources)
-            ],
+        ended = sum(1 for case in cases if case.get("result"))
+        completion = {
             "reran": reran,
-            "finished": max(str(r.get("finished", "")) for r in reports),
             "collected": collected,
-            "finished_cases": len(cases),
-            "interrupted": not isinstance(collected, int) or len(cases) < collected,
-            "seconds": round(sum(float(r.get("seconds", 0.0)) for r in reports), 1),
-            "counts": counts,
-            "cases": cases,
+            "finished_cases": ended,
+            "interrupted": not isinstance(collected, int) or ended < collected,
+        }
+    else:
+        # Complete only if every part is: each part's selected cases add up, any stop stops it.
+        completion = {
+            "collected": sum(r["collected"] for r in reports)
+            if all(isinstance(r.get("collected"), int) for r in reports)
+            else None,
+            "interrupted": any(bool(r.get("interrupted")) for r in reports),
         }
     return {
         **first,
@@ -244,11 +246,7 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
             for r, s in zip(reports, sources)
         ],
         "finished": max(str(r.get("finished", "")) for r in reports),
-        # Complete only if every part is: each part's selected cases add up, any stop stops it.
-        "collected": sum(r["collected"] for r in reports)
-        if all(isinstance(r.get("collected"), int) for r in reports)
-        else None,
-        "interrupted": any(bool(r.get("interrupted")) for r in reports),
+        **completion,
         "seconds": round(sum(float(r.get("seconds", 0.0)) for r in reports), 1),
         "counts": counts,
         "cases": cases,

@@ -165,6 +165,9 @@ def test_merge_rerun_puts_later_results_over_a_stopped_run(tmp_path) -> None:
     assert raw_reports.is_complete(merged)
     partial = upstream_proof.merge([whole, _report([_case(CONTROL, "pass")])], ["whole", "again"], rerun=True)
     assert partial["interrupted"] is True and not raw_reports.is_complete(partial)
+    stopped_again = _report([{**_case(QWEN, "pass"), "result": None}])
+    kept = upstream_proof.merge([whole, again, stopped_again], ["whole", "again", "stopped"], rerun=True)
+    assert kept["counts"] == {"pass": 3} and "stopped" not in kept["reran"].values()
     whole["collected"] = 2
     with pytest.raises(ValueError, match="not a re-run of it"):
         upstream_proof.merge([whole, again], ["whole", "again"], rerun=True)
