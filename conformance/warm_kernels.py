@@ -100,8 +100,19 @@ def kinds_needed(nodeids: list[str], dtype: str) -> list[str]:
     return [kind for kind in (dtype, dtype + LORA, NF4) if kind in wanted]
 
 
+def lane(kind: str, model: str) -> str:
+    """The warm-up process that warms ``model``'s kernels of ``kind``: one per kind and hybrid
+    family, so the families compile side by side (their shapes differ; a family's plain and YaRN
+    models share its compiled graphs). On one H200 (leg 2026.10, fp32) one process warming the
+    LoRA backward of the six models in turn did not end its first model in about 400 s."""
+    from conformance import zoo
+
+    return f"{kind}@{zoo.by_name(model).family}"
+
+
 def start(directory: Path, nodeids: list[str], dtype: str) -> list[subprocess.Popen]:
-    """Start the warm-ups the selected cases need (none when no hybrid case is selected)."""
+    """Start the warm-ups the selected cases need (none when no hybrid case is selected): one
+    process per kind and hybrid family (:func:`lane`)."""
     from conformance import zoo
 
     names = [name for name in hybrid_models(nodeids) if zoo.transformers_builds(zoo.by_name(name))]
@@ -110,25 +121,29 @@ def start(directory: Path, nodeids: list[str], dtype: str) -> list[subprocess.Po
     directory.mkdir(parents=True, exist_ok=True)
     processes = []
     for kind in kinds_needed(nodeids, dtype):
-        log = open(directory / f"{kind}.log", "w", encoding="utf-8")  # noqa: SIM115 - the child's
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "conformance.warm_kernels",
-                "--dir",
-                str(directory),
-                "--kind",
-                kind,
-                "--models",
-                ",".join(names),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        # Written by the parent, so a worker that looks before the child has started still waits.
-        (directory / f"{kind}.pending").write_text(str(process.pid), encoding="utf-8")
-        processes.append(process)
+        lanes: dict[str, list[str]] = {}
+        for name in names:
+            lanes.setdefault(lane(kind, name), []).append(name)
+        for name_of_lane, models in lanes.items():
+            log = open(directory / f"{name_of_lane}.log", "w", encoding="utf-8")  # noqa: SIM115 - the child's
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "conformance.warm_kernels",
+                    "--dir",
+                    str(directory),
+                    "--kind",
+                    kind,
+                    "--models",
+                    ",".join(models),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            # Written by the parent, so a worker that looks before the child has started still waits.
+            (directory / f"{name_of_lane}.pending").write_text(str(process.pid), encoding="utf-8")
+            processes.append(process)
     return processes
 
 
@@ -167,13 +182,14 @@ def wait(kinds: list[str], model: str, print_fn=print) -> float:
 
 
 def _pending(directory: Path, kind: str, model: str) -> bool:
-    marker = directory / f"{kind}.pending"
+    name_of_lane = lane(kind, model)
+    marker = directory / f"{name_of_lane}.pending"
     try:
         pid = int(marker.read_text(encoding="utf-8") or 0)
     except (OSError, ValueError):
         return False  # not started: nothing to wait for
     warmed = (
-        (directory / f"{kind}.done").exists()
+        (directory / f"{name_of_lane}.done").exists()
         or (directory / f"{kind}.{model}.ok").exists()
         or machine_marker(kind, model).exists()
     )
@@ -185,14 +201,16 @@ def state(directory: Path) -> dict[str, dict]:
     its log then), and the models it warmed so far with their seconds or error."""
     found = {}
     for marker in sorted(Path(directory).glob("*.pending")):
-        kind = marker.name.removesuffix(".pending")
+        name_of_lane = marker.name.removesuffix(".pending")
+        kind, _, family = name_of_lane.partition("@")
         models = []
-        for ok in sorted(Path(directory).glob(f"{kind}.*.ok"), key=lambda path: path.stat().st_mtime):
+        pattern = f"{kind}.{family}-*.ok" if family else f"{kind}.*.ok"
+        for ok in sorted(Path(directory).glob(pattern), key=lambda path: path.stat().st_mtime):
             try:
                 models.append(json.loads(ok.read_text(encoding="utf-8")))
             except (OSError, ValueError):
                 continue
-        done = Path(directory) / f"{kind}.done"
+        done = Path(directory) / f"{name_of_lane}.done"
         entry: dict = {"models": models}
         if done.exists():
             try:
@@ -206,11 +224,13 @@ def state(directory: Path) -> dict[str, dict]:
                 alive = False
             entry["state"] = "running" if alive else "died"
             try:
-                lines = (Path(directory) / f"{kind}.log").read_text(encoding="utf-8", errors="replace")
+                lines = (Path(directory) / f"{name_of_lane}.log").read_text(
+                    encoding="utf-8", errors="replace"
+                )
                 entry["log_tail"] = lines.splitlines()[-5:]
             except OSError:
                 pass
-        found[kind] = entry
+        found[name_of_lane] = entry
     return found
 
 
@@ -223,7 +243,12 @@ def _warm_one(name: str, kind: str) -> dict:
     four_bit, lora = kind == NF4, kind.endswith(LORA)
     dtype = "bf16" if four_bit else kind.removesuffix(LORA)
     started = time.monotonic()
+
+    def phase(what: str) -> None:  # where a slow warm-up spends its time, in its log
+        print(f"[warm kernels] {name} {kind}: {what} at {time.monotonic() - started:.1f} s", flush=True)
+
     model, tokenizer = candidate.load(spec, spec.max_position_embeddings, dtype, four_bit)
+    phase("loaded")
     high = zoo_tokenizer.regular_token_count(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = inputs.left_padded(7, [40, 23, 9], high, pad_id)
@@ -231,10 +256,15 @@ def _warm_one(name: str, kind: str) -> dict:
         model = candidate.attach_lora(model, plan.LORA_RANK, plan.LORA_ALPHA, plan.lora_targets(spec.family))
         candidate.training_mode(model)
         batch = ids[:1].to(candidate.device_of(model))
-        model(input_ids=batch, labels=batch).loss.backward()
+        loss = model(input_ids=batch, labels=batch).loss
+        phase("LoRA forward")
+        loss.backward()
+        phase("LoRA backward")
     else:
         candidate.forward_logits(model, ids[:1])
+        phase("forward")
         candidate.greedy(model, ids, mask, 4, pad_id, use_cache=True)
+        phase("KV-cache decode")
     return {"model": name, "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -246,21 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     results = []
+    names = [name for name in args.models.split(",") if name]
+    lanes = {lane(args.kind, name) for name in names}
+    name_of_lane = lanes.pop() if len(lanes) == 1 else args.kind
     try:
         from conformance import (
             candidate,  # noqa: F401  (the shim, then Unsloth, as in the workers)
             oracle_client,
         )
 
-        names = [name for name in args.models.split(",") if name]
         oracle_client.ensure_zoo(set(names))
-        # One warm-up of a kind at a time on this machine: two runs side by side (the retire
+        # One warm-up of a lane at a time on this machine: two runs side by side (the retire
         # proof's shim and upstream runs) compile the same kernels; the second then finds them.
-        with oracle_client.exclusive(machine_lock(args.kind)):
+        with oracle_client.exclusive(machine_lock(name_of_lane)):
             _warm_all(names, args, results)
     finally:
         summary = {"kind": args.kind, "seconds": round(time.monotonic() - started, 1), "models": results}
-        (args.dir / f"{args.kind}.done").write_text(json.dumps(summary), encoding="utf-8")
+        (args.dir / f"{name_of_lane}.done").write_text(json.dumps(summary), encoding="utf-8")
     return 0
 
 

@@ -64,10 +64,17 @@ def test_start_marks_each_warm_up_pending_before_its_child_runs(tmp_path: Path, 
     monkeypatch.setattr(subprocess, "Popen", Child)
     monkeypatch.setattr("conformance.zoo.transformers_builds", lambda spec: True)
     children = warm_kernels.start(tmp_path / "warm", IDS, "fp32")
-    assert len(children) == 2
-    assert [c[c.index("--kind") + 1] for c in started] == ["fp32", "nf4"]
-    assert all(c[c.index("--models") + 1] == "qwen3_5_moe-plain,qwen3_next-yarn" for c in started)
-    assert (tmp_path / "warm" / "fp32.pending").read_text() == "4242"
+    # One process per kind and hybrid family: the families compile side by side.
+    assert len(children) == 4
+    assert [(c[c.index("--kind") + 1], c[c.index("--models") + 1]) for c in started] == [
+        ("fp32", "qwen3_5_moe-plain"),
+        ("fp32", "qwen3_next-yarn"),
+        ("nf4", "qwen3_5_moe-plain"),
+        ("nf4", "qwen3_next-yarn"),
+    ]
+    assert (tmp_path / "warm" / "fp32@qwen3_5_moe.pending").read_text() == "4242"
+    assert (tmp_path / "warm" / "nf4@qwen3_next.pending").read_text() == "4242"
+    assert warm_kernels.lane("fp32-lora", "qwen3_5-yarn") == "fp32-lora@qwen3_5"
 
 
 def _sleeper(seconds: float) -> subprocess.Popen:
@@ -78,15 +85,15 @@ def test_a_case_waits_until_its_model_is_warm(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv(warm_kernels.DIR_ENV, str(tmp_path))
     child = _sleeper(30)
     try:
-        for kind in ("fp32", "fp32-lora"):
-            (tmp_path / f"{kind}.pending").write_text(str(child.pid))
+        for name_of_lane in ("fp32@qwen3_5", "fp32-lora@qwen3_5", "fp32@qwen3_next"):
+            (tmp_path / f"{name_of_lane}.pending").write_text(str(child.pid))
         (tmp_path / "fp32.qwen3_5-plain.ok").write_text("{}")  # the forward warm-up did this model
         assert warm_kernels.wait(["fp32"], "qwen3_5-plain", lambda line: pytest.fail(line)) < 1.0
         writer = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(tmp_path / 'fp32-lora.done')!r}).write_text('{{}}')",
+                f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(tmp_path / 'fp32-lora@qwen3_5.done')!r}).write_text('{{}}')",
             ]
         )
         lines = []
@@ -106,7 +113,7 @@ def test_a_dead_or_unstarted_warm_up_ends_the_wait(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv(warm_kernels.DIR_ENV, str(tmp_path))
     dead = _sleeper(0)
     dead.wait()
-    (tmp_path / "fp32.pending").write_text(str(dead.pid))  # ended without writing fp32.done
+    (tmp_path / "fp32@qwen3_5.pending").write_text(str(dead.pid))  # ended without its .done
     assert warm_kernels.wait(["fp32", "nf4"], "qwen3_5-plain", lambda line: pytest.fail(line)) < 1.0
 
 
@@ -181,22 +188,21 @@ def test_the_report_reads_each_warm_up_state(tmp_path: Path) -> None:
     died.wait()
     running = _sleeper(30)
     try:
-        (tmp_path / "nf4.pending").write_text(str(ended.pid))
-        (tmp_path / "nf4.done").write_text(json.dumps({"kind": "nf4", "seconds": 12.5, "models": []}))
-        (tmp_path / "fp32.pending").write_text(str(running.pid))
-        (tmp_path / "fp32.qwen3_5-plain.ok").write_text(
-            json.dumps({"model": "qwen3_5-plain", "seconds": 7.0})
-        )
-        (tmp_path / "fp32-lora.pending").write_text(str(died.pid))
-        (tmp_path / "fp32-lora.log").write_text("compiling\nTraceback\nRuntimeError: boom\n")
+        (tmp_path / "nf4@qwen3_5.pending").write_text(str(ended.pid))
+        (tmp_path / "nf4@qwen3_5.done").write_text(json.dumps({"kind": "nf4", "seconds": 12.5, "models": []}))
+        (tmp_path / "fp32@qwen3_5.pending").write_text(str(running.pid))
+        for model in ("qwen3_5-plain", "qwen3_5_moe-plain"):  # the second is another lane's
+            (tmp_path / f"fp32.{model}.ok").write_text(json.dumps({"model": model, "seconds": 7.0}))
+        (tmp_path / "fp32-lora@qwen3_5.pending").write_text(str(died.pid))
+        (tmp_path / "fp32-lora@qwen3_5.log").write_text("compiling\nTraceback\nRuntimeError: boom\n")
         state = warm_kernels.state(tmp_path)
     finally:
         running.kill()
-    assert state["nf4"]["state"] == "ended in 12.5 s"
-    assert state["fp32"]["state"] == "running"
-    assert state["fp32"]["models"] == [{"model": "qwen3_5-plain", "seconds": 7.0}]
-    assert state["fp32-lora"]["state"] == "died"
-    assert state["fp32-lora"]["log_tail"][-1] == "RuntimeError: boom"
+    assert state["nf4@qwen3_5"]["state"] == "ended in 12.5 s"
+    assert state["fp32@qwen3_5"]["state"] == "running"
+    assert state["fp32@qwen3_5"]["models"] == [{"model": "qwen3_5-plain", "seconds": 7.0}]
+    assert state["fp32-lora@qwen3_5"]["state"] == "died"
+    assert state["fp32-lora@qwen3_5"]["log_tail"][-1] == "RuntimeError: boom"
 
 
 def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model(
@@ -214,7 +220,8 @@ def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model
     monkeypatch.setenv(warm_kernels.DIR_ENV, str(session))
     waiting_for_turn = _sleeper(30)
     try:
-        (session / "fp32.pending").write_text(str(waiting_for_turn.pid))
+        for name_of_lane in ("fp32@qwen3_5", "fp32@qwen3_next"):
+            (session / f"{name_of_lane}.pending").write_text(str(waiting_for_turn.pid))
         assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
         warm_kernels.machine_marker("fp32", "qwen3_5-plain").write_text("{}")
         assert not warm_kernels._pending(session, "fp32", "qwen3_5-plain")
