@@ -12,14 +12,15 @@ the NF4 warm-up of the six hybrid zoo models took 249.5 s (120.5 s of it the fir
 the fp32 one, which then ran a LoRA backward in the same process, had not ended after 370 s.
 
 Under pytest-xdist on a GPU, the controller starts the warm-ups the selected hybrid cases
-need as soon as the workers report their collection (:func:`start`), one process each: the
+need as soon as the workers report their collection (:func:`start`), one process per kind and
+hybrid family (:func:`lane`), so the three families compile side by side. The kinds: the
 leg's dtype (forward and KV-cache decode), the leg's dtype with a LoRA training step
 (backward kernels: the slowest to compile), and NF4 (4-bit weights, computed in bf16). The
 hybrid cases are ordered last (conftest.py), and each waits only for the warm-ups its test
 needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The warm-up
 only fills caches: a case computes the same with or without it, and a warm-up that fails or is
-late costs time, never a result. Warm-ups of one kind take turns on a machine (a lock per
-kind): runs side by side, as the retire proof's, compile each kernel once between them, and a
+late costs time, never a result. Warm-ups of one lane take turns on a machine (a lock per
+lane): runs side by side, as the retire proof's, compile each kernel once between them, and a
 case of a run whose turn has not come goes on once another run has warmed its model (a marker
 per machine, kind, model, unsloth_zoo and Triton cache: :func:`machine_marker`).
 
@@ -316,7 +317,8 @@ def machine_marker(kind: str, model: str) -> Path:
 
 
 def machine_lock(kind: str) -> Path:
-    """The lock every warm-up of ``kind`` on this machine takes (Triton's cache is per user)."""
+    """The lock every warm-up of ``kind`` (a :func:`lane`) on this machine takes (Triton's cache
+    is per user)."""
     return _machine_file(f"{kind}.lock")
 
 
