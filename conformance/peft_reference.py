@@ -12,12 +12,22 @@ PEFT: the routed experts), on transformers 5.17 and 5.24 alike.
 
 ``keep_module_targets()`` makes the conversion leave alone a dotted target that names modules
 the model has (what the upstream fix does); bare names and routed-expert paths convert as
-before. A PEFT without that conversion (older legs) is left as it is.
+before. A regex (what Unsloth's ``FastLanguageModel.get_peft_model`` saves as
+``target_modules``) is first resolved to the modules it matches, unless it names a routed
+expert: PEFT's own resolution reduces it to leaf names (``gate_proj``), which the conversion
+then moves to the routed experts. Measured: with a list fixed and a regex not, Qwen3-Next's
+adapter case failed through ``FastLanguageModel`` only (HF's reload 0.21-0.24 off, on an H200,
+Unsloth 2026.10.9 stock and with the shim alike), the same tensors saved through ``FastModel``
+(a list) passed. A PEFT without that conversion (older legs) is left as it is.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+
+#: The pre-fusion (transformers 4) names of the routed experts' projections PEFT converts.
+_ROUTED_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 def _module_targets(targets, model) -> set[str]:
@@ -27,6 +37,22 @@ def _module_targets(targets, model) -> set[str]:
         return set()
     names = [name for name, _ in model.named_modules()]
     return {t for t in dotted if any(name == t or name.endswith("." + t) for name in names)}
+
+
+def _regex_modules(pattern: str, model) -> list[str] | None:
+    """The modules a regex ``target_modules`` full-matches (PEFT's rule for a string), or None
+    where it is ``all-linear`` or names a routed expert (the keys PEFT's conversion probes:
+    ``<experts>.gate_proj`` beside a fused ``<experts>.gate_up_proj``), which convert as before."""
+    if pattern.lower() == "all-linear":
+        return None
+    fused = {
+        name.rpartition(".")[0]
+        for name, _ in model.named_parameters()
+        if name.endswith((".gate_up_proj", ".down_proj"))
+    }
+    if any(re.fullmatch(pattern, f"{experts}.{old}") for experts in fused for old in _ROUTED_EXPERT_NAMES):
+        return None
+    return [name for name, _ in model.named_modules() if name and re.fullmatch(pattern, name)] or None
 
 
 def keep_module_targets() -> bool:
@@ -42,6 +68,9 @@ def keep_module_targets() -> bool:
     @functools.wraps(original)
     def convert(peft_config, model):
         targets = peft_config.target_modules
+        if isinstance(targets, str):
+            targets = _regex_modules(targets, model) or targets
+            peft_config.target_modules = targets
         kept = _module_targets(targets, model) if isinstance(targets, (list, set, tuple)) else set()
         if kept:
             peft_config.target_modules = [t for t in targets if t not in kept]

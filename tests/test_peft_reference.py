@@ -62,3 +62,37 @@ def test_shared_expert_targets_stay_on_the_shared_expert(qwen3_next, tmp_path: P
     # A bare name (no module path) still converts as PEFT intends.
     bare = get_peft_model(qwen3_next(), LoraConfig(r=4, target_modules=["down_proj"]))
     assert any(name.startswith("experts") for name in _lora_modules(bare))
+
+
+#: What Unsloth 2026.10.9's FastLanguageModel.get_peft_model saved as ``target_modules`` for the
+#: zoo's Qwen3-Next with plan.lora_targets (adapter_config.json from an H200 run): a regex.
+UNSLOTH_REGEX = (
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mixer|mlp|feed_forward|ffn|dense|mixer).*?\."
+    r"(?:q_proj|k_proj|v_proj|o_proj|in_proj_qkvz|in_proj_ba|out_proj|shared_expert\.gate_proj|"
+    r"shared_expert\.up_proj|shared_expert\.down_proj))|(?:\bmodel\.layers\.[\d]{1,}(?!.*\.experts\.\d)\..*?"
+    r"(?:self_attn|attention|attn|mixer|mlp|feed_forward|ffn|dense|mixer).*?\.(?:(?:q_proj|k_proj|v_proj|o_proj|"
+    r"in_proj_qkvz|in_proj_ba|out_proj|shared_expert\.gate_proj|shared_expert\.up_proj|shared_expert\.down_proj)))"
+)
+
+
+def test_a_regex_target_stays_on_the_modules_it_matches(qwen3_next) -> None:
+    """Unsloth's FastLanguageModel saves its targets as a regex; PEFT reduced it to leaf names
+    and moved the shared expert's LoRA to the routed experts on reload (the Qwen3-Next adapter
+    case then failed through FastLanguageModel only). Resolved to its modules, it stays."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora(targets):
+        return _lora_modules(get_peft_model(qwen3_next(), LoraConfig(r=4, target_modules=targets)))
+
+    stock = lora(UNSLOTH_REGEX)
+    if not any(name.startswith("experts") for name in stock):
+        pytest.skip("this PEFT leaves a regex's shared-expert targets alone already")
+    assert peft_reference.keep_module_targets()
+    wanted = {f"shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert lora(UNSLOTH_REGEX) == wanted
+    # The same modules as the list Unsloth's FastModel saves for the same request.
+    assert lora(list(plan.lora_targets("qwen3_next"))) == wanted
+    # A regex that names the routed experts still converts to them, as PEFT intends.
+    assert any(
+        name.startswith("experts") for name in lora(r".*\.mlp\.experts\.(gate_proj|up_proj|down_proj)")
+    )
