@@ -139,7 +139,7 @@ def summary_rows(legs: dict[str, list[Run]]) -> list[str]:
             lines.append(
                 f"| {leg} | {run.label} | {extent(run)} | {main[0]} | {main[1]} | "
                 f"{f'**{failed}**' if failed else 0} | {other or '-'} | "
-                f"{env.get('gpu', 'no GPU')}, {run.dtype}, {run.data['date'][:10]} | "
+                f"{env.get('gpu', 'no GPU')}, {run.dtype}, {raw_reports.dates(run.data)} | "
                 f"{env.get('unsloth')}, {env.get('transformers')}, {env.get('torch')} |"
             )
     return lines
@@ -261,7 +261,7 @@ def run_line(run: Run) -> str:
     status = shim.get("status") if isinstance(shim.get("status"), dict) else {}
     verdict = f"; shim: {status['verdict']}" if run.kind != "stock" and status.get("verdict") else ""
     return (
-        f"- {run.label}: {data['date'][:10]}{commit}, {env.get('gpu', 'no GPU')}, {run.dtype}, "
+        f"- {run.label}: {raw_reports.dates(data)}{commit}, {env.get('gpu', 'no GPU')}, {run.dtype}, "
         f"{data.get('candidate_mode', '?')} candidate; {versions}; pytest `{command}` "
         f"({extent(run)}): {raw_reports.counts(data)} in {fmt(data.get('seconds'))} s{verdict}"
     )
@@ -291,7 +291,7 @@ def mutation_details(runs: list[Run], notes: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Mutation `{run.mutation}` ({run.dtype}, {raw_reports.selection(run.data)}, "
-            f"{run.data['date'][:10]}): {raw_reports.counts(run.data)}; "
+            f"{raw_reports.dates(run.data)}): {raw_reports.counts(run.data)}; "
             + (f"caught by {', '.join(_code(n) for n in failed)}." if failed else "**NOT CAUGHT**."),
         ]
         lines += [f"- {line}" for line in notes.get(f"{run.leg}/{run.path.name}", {}).get("notes", [])]

@@ -106,10 +106,8 @@ def read(reports: Path) -> dict[str, list[Run]]:
     return {leg: legs[leg] for leg in sorted(legs, key=leg_key)}
 
 
-def selection(report: dict[str, Any]) -> str:
-    """The cases a run selected, from its pytest arguments: ``-m`` / ``-k`` expressions and
-    test files, or "every case"."""
-    parts, args = [], iter(report.get("pytest_args", []))
+def _selection_of_args(pytest_args: list[str]) -> list[str]:
+    parts, args = [], iter(pytest_args or [])
     for arg in args:
         if arg in _SELECTING:
             parts.append(f"`{arg} {next(args, '')}`")
@@ -118,7 +116,40 @@ def selection(report: dict[str, Any]) -> str:
         elif not arg.startswith("-") and ".py" in arg:  # a test file or node id, not the suite
             path, _, node = arg.partition("::")
             parts.append(f"`{Path(path).name}{'::' + node if node else ''}`")
-    return " ".join(parts) or "every case"
+    return parts
+
+
+def _complementary(parts: list[list[str]]) -> bool:
+    """Two parts selected by ``-k X`` and ``-k not (X)``: together, every case."""
+    if len(parts) != 2 or any(len(part) != 1 for part in parts):
+        return False
+    expressions = sorted(part[0].strip("`") for part in parts)
+    if not all(e.startswith("-k ") for e in expressions):
+        return False
+    first, second = (e[3:].strip() for e in expressions)
+    return second == f"not ({first})" or first == f"not ({second})"
+
+
+def selection(report: dict[str, Any]) -> str:
+    """The cases a run selected, from its pytest arguments: ``-m`` / ``-k`` expressions and
+    test files, or "every case". A merge of runs (conformance/upstream_proof.py) selected what
+    its joined parts did (re-runs select nothing new): every case where they were ``-k X`` and
+    ``-k not (X)``."""
+    merged = report.get("merged_from")
+    if merged:
+        joined = [_selection_of_args(part.get("pytest_args")) for part in merged if not part.get("rerun")]
+        if _complementary(joined) or any(not part for part in joined):
+            return "every case"
+        return " + ".join(" ".join(part) for part in joined)
+    return " ".join(_selection_of_args(report.get("pytest_args", []))) or "every case"
+
+
+def dates(report: dict[str, Any]) -> str:
+    """The day a run ran, or the first and last day of a merge's parts ("2026-12-02 to 2026-12-03")."""
+    days = sorted({str(part.get("date", ""))[:10] for part in report.get("merged_from", [])} - {""})
+    if len(days) > 1:
+        return f"{days[0]} to {days[-1]}"
+    return str(report.get("date", ""))[:10]
 
 
 def unfinished(report: dict[str, Any]) -> str:

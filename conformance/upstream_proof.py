@@ -67,14 +67,33 @@ def _text(case: dict[str, Any] | None) -> str:
     return f"{case['result']}: {metrics}" if metrics else case["result"]
 
 
-def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
-    """Largest ratio between the two runs' values of a metric they share (1 = the same)."""
+def _bounds(*cases: dict[str, Any] | None) -> dict[str, float]:
+    bounds: dict[str, float] = {}
+    for case in cases:
+        for m in (case or {}).get("metrics", []):
+            if isinstance(m.get("bound"), (int, float)):
+                bounds[m["metric"]] = max(bounds.get(m["metric"], 0.0), float(m["bound"]))
+    return bounds
+
+
+#: A value under this share of its metric's bound, or under fp32's last bit (2**-23, where a
+#: relative error is the rounding of the result itself), is at the metric's floor.
+RATIO_FLOOR = 0.01
+FP32_LAST_BIT = 2.0**-23
+
+
+def _ratio(a: dict[str, float], b: dict[str, float], bounds: dict[str, float] | None = None) -> float | None:
+    """Largest ratio between the two runs' values of a metric they share (1 = the same). Values
+    under the floor (RATIO_FLOOR of the metric's bound, at least FP32_LAST_BIT) count as the
+    floor: an fp32 LoRA loss 0 in one run and 1.3e-7 in the other (measured on an H200, bound
+    1e-6) is one result, not a ratio of 1e5."""
     ratios = []
     for key in set(a) & set(b):
+        floor = max(FP32_LAST_BIT, RATIO_FLOOR * (bounds or {}).get(key, 0.0))
         x, y = abs(a[key]), abs(b[key])
-        if max(x, y) <= 1e-12:
+        if max(x, y) <= floor:
             continue
-        ratios.append(max(x, y) / max(min(x, y), 1e-12))
+        ratios.append(max(x, y) / max(min(x, y), floor))
     return max(ratios) if ratios else None
 
 
@@ -102,7 +121,7 @@ def compare(shim: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
                 "verdict": verdict,
                 "shim_on_stock": _text(a),
                 "patched_shim_off": _text(b),
-                "metric_ratio": _ratio(_metrics(a), _metrics(b)) if a and b else None,
+                "metric_ratio": _ratio(_metrics(a), _metrics(b), _bounds(a, b)) if a and b else None,
             }
         )
     counts: dict[str, int] = {}
@@ -178,20 +197,46 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _k_selection(report: dict[str, Any]):
+    """The cases a run's ``-k`` expressions selected, as a test on a node id (pytest's own
+    parser, names matched as substrings), or None where it had none (every case). A merge
+    selected what any of its joined parts did."""
+    parts = [part for part in report.get("merged_from") or [report] if not part.get("rerun")]
+    tests = []
+    for part in parts:
+        args = list(part.get("pytest_args") or [])
+        expressions = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-k"]
+        if not expressions:
+            return None
+        from _pytest.mark.expression import Expression
+
+        compiled = [Expression.compile(expression) for expression in expressions]
+        tests.append(compiled)
+    return lambda nodeid: any(
+        all(e.evaluate(lambda name: name.lower() in nodeid.lower()) for e in compiled) for compiled in tests
+    )
+
+
 def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False) -> dict[str, Any]:
     """Join part reports. Without ``rerun`` the parts ran different cases (a case in two is an
     error). With ``rerun`` the first report is the whole selection and each later one re-ran
     some of its cases (those a stopped run left unended, or whose test changed since): a case
     a later part ended replaces the earlier one, and the report is complete when every case
-    the first selected has ended."""
+    the first selected has ended. A re-run's case that the first run's ``-k`` did not select
+    is left out (listed in ``outside_selection``): a re-run may have selected more."""
     if not reports:
         raise ValueError("nothing to merge")
     seen: dict[str, str] = {}
     by_name: dict[str, dict[str, Any]] = {}
     reran: dict[str, str] = {}
-    for report, source in zip(reports, sources):
+    selected = _k_selection(reports[0]) if rerun else None
+    outside: dict[str, str] = {}
+    for index, (report, source) in enumerate(zip(reports, sources)):
         for case in report.get("cases", []):
             name = case_name(case)
+            if index and selected is not None and not selected(case.get("nodeid") or case["case"]):
+                outside[name] = source  # a re-run selects nothing new: not part of this whole
+                continue
             if name in seen and not rerun:
                 raise ValueError(
                     f"{name} is in both {seen[name]} and {source}: merge parts that ran different cases"
@@ -226,6 +271,7 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
         ended = sum(1 for case in cases if case.get("result"))
         completion = {
             "reran": reran,
+            **({"outside_selection": outside} if outside else {}),
             "collected": collected,
             "finished_cases": ended,
             "interrupted": not isinstance(collected, int) or ended < collected,
@@ -241,9 +287,20 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
     return {
         **first,
         "pytest_args": args,
+        # A part that is itself a merge names its own parts: the list is of runs, not of files.
+        # A re-run part is marked: it selected nothing the first did not (raw_reports.selection).
         "merged_from": [
-            {"source": s, "date": r.get("date"), "pytest_args": r.get("pytest_args")}
-            for r, s in zip(reports, sources)
+            entry
+            for index, (r, s) in enumerate(zip(reports, sources))
+            for entry in r.get("merged_from")
+            or [
+                {
+                    "source": s,
+                    "date": r.get("date"),
+                    "pytest_args": r.get("pytest_args"),
+                    **({"rerun": True} if rerun and index else {}),
+                }
+            ]
         ],
         "finished": max(str(r.get("finished", "")) for r in reports),
         **completion,

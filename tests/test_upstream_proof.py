@@ -74,6 +74,16 @@ def test_the_same_outcomes_prove_it_and_a_refused_control_is_explained() -> None
     assert result["proven"]
     assert result["counts"] == {"same": 2, "explained: control held to the contract, refused": 1}
     assert result["largest_metric_ratio_of_same_cases"] == pytest.approx(1.4 / 1.3)
+    # Under the floor (1% of the bound, at least fp32's last bit 2**-23) a value is the floor:
+    # 0 against 1e-7 is no ratio; 0 against 5e-6 is 5e-6 over the floor (1e-6 with bound 1e-4).
+    assert upstream_proof._ratio({"loss_rel": 0.0}, {"loss_rel": 1e-7}, {"loss_rel": 1e-5}) is None
+    assert upstream_proof._ratio({"loss_rel": 0.0}, {"loss_rel": 5e-6}, {"loss_rel": 1e-4}) == pytest.approx(
+        5.0
+    )
+    assert upstream_proof._ratio({"loss_rel": 0.0}, {"loss_rel": 1.3e-7}) == pytest.approx(1.3e-7 / 2**-23)
+    assert upstream_proof._ratio({"loss_rel": 1e-3}, {"loss_rel": 2e-3}, {"loss_rel": 1e-2}) == pytest.approx(
+        2.0
+    )
     text = upstream_proof.render(result)
     assert "PROVEN" in text and "NOT PROVEN" not in text
 
@@ -168,11 +178,38 @@ def test_merge_rerun_puts_later_results_over_a_stopped_run(tmp_path) -> None:
     stopped_again = _report([{**_case(QWEN, "pass"), "result": None}])
     kept = upstream_proof.merge([whole, again, stopped_again], ["whole", "again", "stopped"], rerun=True)
     assert kept["counts"] == {"pass": 3} and "stopped" not in kept["reran"].values()
+    # A part that is itself a merge (a join of parts, then re-runs over it) names its own parts.
+    joined = upstream_proof.merge([whole, _report([_case(TYPO, "pass")])], ["core.json", "hybrid.json"])
+    over = upstream_proof.merge([joined, again], ["joined.json", "again.json"], rerun=True)
+    assert [m["source"] for m in over["merged_from"]] == ["core.json", "hybrid.json", "again.json"]
+    assert [bool(m.get("rerun")) for m in over["merged_from"]] == [False, False, True]
     whole["collected"] = 2
     with pytest.raises(ValueError, match="not a re-run of it"):
         upstream_proof.merge([whole, again], ["whole", "again"], rerun=True)
     with pytest.raises(ValueError, match="is in both"):
         upstream_proof.merge([whole, again], ["whole", "again"])
+
+
+def test_a_merge_selected_what_its_joined_parts_did() -> None:
+    """``-k X`` and ``-k not (X)`` joined are the whole suite; re-runs over them add nothing."""
+    core = _report([_case(QWEN, "pass")], args=("-k", "not (qwen3_5 or qwen3_next)"))
+    hybrid = _report([_case(TYPO, "pass")], args=("-k", "qwen3_5 or qwen3_next"))
+    again = _report([_case(TYPO, "pass")], args=("-k", "typo"))
+    joined = upstream_proof.merge([core, hybrid], ["core", "hybrid"])
+    assert raw_reports.selection(joined) == "every case" and not raw_reports.is_partial(joined)
+    over = upstream_proof.merge([joined, again], ["joined", "again"], rerun=True)
+    assert raw_reports.selection(over) == "every case"
+    # A re-run that selected more than the first run (here a non-hybrid case) adds only what
+    # the first selected.
+    hybrid_typo, plain_typo = TYPO.replace("qwen2-plain", "qwen3_5-plain"), TYPO
+    first = _report([_case(hybrid_typo, "fail")], args=("-k", "qwen3_5 or qwen3_next"))
+    wider = _report([_case(hybrid_typo, "pass"), _case(plain_typo, "pass")], args=("-k", "typo"))
+    only = upstream_proof.merge([first, wider], ["first", "wider"], rerun=True)
+    assert [(c["case"], c["result"]) for c in only["cases"]] == [(hybrid_typo, "pass")]
+    assert only["outside_selection"] == {plain_typo: "wider"}
+    half = upstream_proof.merge([core, again], ["core", "again"])
+    assert raw_reports.selection(half) == "`-k not (qwen3_5 or qwen3_next)` + `-k typo`"
+    assert raw_reports.is_partial(half)
 
 
 def test_the_command_line_writes_the_comparison_and_exits_by_the_verdict(tmp_path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 # The README and CONFORMANCE.md (conformance/document.py) say a run's selection and counts
 # with the same words; that module imports neither Unsloth nor this package.
-from conformance.raw_reports import counts, selection
+from conformance.raw_reports import counts, dates, selection
 
 from ._matrix import LEGS
 
@@ -44,7 +44,7 @@ def read_reports(reports: Path, leg: str) -> dict[str, dict[str, Any]]:
 
 
 def circumstances(report: dict[str, Any]) -> str:
-    return f"{report['versions'].get('gpu', 'no GPU')}, {report['dtype']}, {report['date'][:10]}"
+    return f"{report['versions'].get('gpu', 'no GPU')}, {report['dtype']}, {dates(report)}"
 
 
 def conformance_cell(runs: dict[str, dict[str, Any]]) -> str:
