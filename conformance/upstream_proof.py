@@ -290,17 +290,10 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
         # A part that is itself a merge names its own parts: the list is of runs, not of files.
         # A re-run part is marked: it selected nothing the first did not (raw_reports.selection).
         "merged_from": [
-            entry
+            {**entry, **({"rerun": True} if rerun and index else {})}
             for index, (r, s) in enumerate(zip(reports, sources))
             for entry in r.get("merged_from")
-            or [
-                {
-                    "source": s,
-                    "date": r.get("date"),
-                    "pytest_args": r.get("pytest_args"),
-                    **({"rerun": True} if rerun and index else {}),
-                }
-            ]
+            or [{"source": s, "date": r.get("date"), "pytest_args": r.get("pytest_args")}]
         ],
         "finished": max(str(r.get("finished", "")) for r in reports),
         **completion,
