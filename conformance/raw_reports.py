@@ -119,29 +119,39 @@ def _selection_of_args(pytest_args: list[str]) -> list[str]:
     return parts
 
 
-def _complementary(parts: list[list[str]]) -> bool:
-    """Two parts selected by ``-k X`` and ``-k not (X)``: together, every case."""
-    if len(parts) != 2 or any(len(part) != 1 for part in parts):
+def joined_parts(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs whose selections a report holds: itself, or a merge's joined parts
+    (conformance/upstream_proof.py; its re-runs select nothing new)."""
+    merged = report.get("merged_from")
+    return [part for part in merged if not part.get("rerun")] if merged else [report]
+
+
+def k_expressions(pytest_args: list[str] | None) -> list[str]:
+    """The ``-k`` expressions of a run's pytest arguments."""
+    args = list(pytest_args or [])
+    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-k"]
+
+
+def _complementary(parts: list[dict[str, Any]]) -> bool:
+    """Two runs that selected only ``-k X`` and ``-k not (X)``: together, every case."""
+    if len(parts) != 2 or any(len(_selection_of_args(part.get("pytest_args"))) != 1 for part in parts):
         return False
-    expressions = sorted(part[0].strip("`") for part in parts)
-    if not all(e.startswith("-k ") for e in expressions):
+    expressions = [k_expressions(part.get("pytest_args")) for part in parts]
+    if any(len(found) != 1 for found in expressions):
         return False
-    first, second = (e[3:].strip() for e in expressions)
+    first, second = (found[0].strip() for found in expressions)
     return second == f"not ({first})" or first == f"not ({second})"
 
 
 def selection(report: dict[str, Any]) -> str:
     """The cases a run selected, from its pytest arguments: ``-m`` / ``-k`` expressions and
-    test files, or "every case". A merge of runs (conformance/upstream_proof.py) selected what
-    its joined parts did (re-runs select nothing new): every case where they were ``-k X`` and
-    ``-k not (X)``."""
-    merged = report.get("merged_from")
-    if merged:
-        joined = [_selection_of_args(part.get("pytest_args")) for part in merged if not part.get("rerun")]
-        if _complementary(joined) or any(not part for part in joined):
-            return "every case"
-        return " + ".join(" ".join(part) for part in joined)
-    return " ".join(_selection_of_args(report.get("pytest_args", []))) or "every case"
+    test files, or "every case". A merge selected what its joined parts did: every case where
+    one selected every case, or they were ``-k X`` and ``-k not (X)``."""
+    parts = joined_parts(report)
+    selections = [_selection_of_args(part.get("pytest_args")) for part in parts]
+    if _complementary(parts) or any(not found for found in selections):
+        return "every case"
+    return " + ".join(" ".join(found) for found in selections)
 
 
 def dates(report: dict[str, Any]) -> str:

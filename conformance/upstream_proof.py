@@ -201,17 +201,14 @@ def _k_selection(report: dict[str, Any]):
     """The cases a run's ``-k`` expressions selected, as a test on a node id (pytest's own
     parser, names matched as substrings), or None where it had none (every case). A merge
     selected what any of its joined parts did."""
-    parts = [part for part in report.get("merged_from") or [report] if not part.get("rerun")]
     tests = []
-    for part in parts:
-        args = list(part.get("pytest_args") or [])
-        expressions = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-k"]
+    for part in raw_reports.joined_parts(report):
+        expressions = raw_reports.k_expressions(part.get("pytest_args"))
         if not expressions:
             return None
         from _pytest.mark.expression import Expression
 
-        compiled = [Expression.compile(expression) for expression in expressions]
-        tests.append(compiled)
+        tests.append([Expression.compile(expression) for expression in expressions])
     return lambda nodeid: any(
         all(e.evaluate(lambda name: name.lower() in nodeid.lower()) for e in compiled) for compiled in tests
     )
