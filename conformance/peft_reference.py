@@ -41,8 +41,10 @@ def _module_targets(targets, model) -> set[str]:
 
 def _regex_modules(pattern: str, model) -> list[str] | None:
     """The modules a regex ``target_modules`` full-matches (PEFT's rule for a string), or None
-    where it is ``all-linear`` or names a routed expert (the keys PEFT's conversion probes:
-    ``<experts>.gate_proj`` beside a fused ``<experts>.gate_up_proj``), which convert as before."""
+    where there is nothing to protect (no fused routed experts the conversion could move it
+    to), where it is ``all-linear``, or where it names a routed expert (the keys PEFT's
+    conversion probes: ``<experts>.gate_proj`` beside a fused ``<experts>.gate_up_proj``):
+    those convert as before."""
     if pattern.lower() == "all-linear":
         return None
     fused = {
@@ -50,7 +52,9 @@ def _regex_modules(pattern: str, model) -> list[str] | None:
         for name, _ in model.named_parameters()
         if name.endswith((".gate_up_proj", ".down_proj"))
     }
-    if any(re.fullmatch(pattern, f"{experts}.{old}") for experts in fused for old in _ROUTED_EXPERT_NAMES):
+    if not fused or any(
+        re.fullmatch(pattern, f"{experts}.{old}") for experts in fused for old in _ROUTED_EXPERT_NAMES
+    ):
         return None
     return [name for name, _ in model.named_modules() if name and re.fullmatch(pattern, name)] or None
 

@@ -96,3 +96,16 @@ def test_a_regex_target_stays_on_the_modules_it_matches(qwen3_next) -> None:
     assert any(
         name.startswith("experts") for name in lora(r".*\.mlp\.experts\.(gate_proj|up_proj|down_proj)")
     )
+
+
+def test_a_regex_on_a_model_without_fused_experts_is_left_to_peft() -> None:
+    """Nothing there for the conversion to move a target to: the regex stays PEFT's to match."""
+    import torch
+
+    model = torch.nn.Module()
+    model.q_proj, model.gate_proj = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert peft_reference._regex_modules(r".*(q_proj|gate_proj)", model) is None
+    model.experts = torch.nn.Module()
+    model.experts.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 4, 2))
+    assert peft_reference._regex_modules(r"(q_proj|gate_proj)", model) == ["q_proj", "gate_proj"]
+    assert peft_reference._regex_modules(r".*gate_proj", model) is None  # names the routed experts
