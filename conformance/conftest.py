@@ -252,7 +252,9 @@ def _hybrid_kernels_warm(request, settings) -> None:
     """A hybrid model's case waits for the session's kernel warm-ups (warm_kernels.py)."""
     spec = _spec_of(request)
     if spec is not None and spec.hybrid:
-        warm_kernels.wait(warm_kernels.needs(request.node.nodeid, settings.dtype), spec.name)
+        request.node._conformance_warm_wait = warm_kernels.wait(
+            warm_kernels.needs(request.node.nodeid, settings.dtype), spec.name
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -282,24 +284,55 @@ def zoo_models(pytestconfig) -> None:
     reference (fast_path, lora_targets) load models that no request names: selected alone
     on a fresh cache, they found nothing to load."""
     names = getattr(pytestconfig, "_conformance_zoo_names", set())
+    start = time.perf_counter()
     if names:
         oracle_client.ensure_zoo(names)
+    _SESSION_SETUP["zoo_s"] = round(time.perf_counter() - start, 2)
 
 
 @pytest.fixture(scope="session")
 def oracle(pytestconfig, settings) -> oracle_client.Oracle:
-    """The HF reference; every reference the session's cases can name up front comes from
-    one oracle process, started here."""
+    """The HF reference. Every reference the session's cases can name up front is computed
+    here, shared out among the pytest-xdist workers (``oracle_client.worker_share``), each
+    worker's share in one oracle process."""
     client = oracle_client.Oracle()
     skip = candidate.nf4_skip_modules()
     batch = []
     for family, name in sorted(getattr(pytestconfig, "_conformance_needed", ())):
         if zoo.transformers_builds(zoo.by_name(name)):  # else the case is the loader's refusal
             batch += plan.for_family(family, zoo.by_name(name), settings.dtype, settings.device, skip)
-    if batch:
-        client.fetch(batch)
-    yield client
-    pytestconfig._conformance_report.header["oracle_seconds"] = client.seconds
+    share = oracle_client.worker_share(batch, client.key)
+    start = time.perf_counter()
+    if share:
+        client.prepare(share)
+    _SESSION_SETUP.update(oracle_up_front_s=round(time.perf_counter() - start, 2), oracle_share=len(share))
+    return client
+
+
+#: This worker's session setup, in seconds: reported once, with the first case it runs.
+_SESSION_SETUP: dict = {}
+_SETUP_REPORTED: set = set()
+
+
+@pytest.fixture(autouse=True)
+def _timing(request):
+    """Where a case's seconds went besides the candidate: references (computed, waited for,
+    loaded), the kernel warm-up it waited for, and, on a worker's first case, the session's
+    setup. report.py keeps it as the case's ``timing``; a slow leg says where its time went."""
+    before = dict(oracle_client.TIMING)
+    yield
+    split = {
+        f"oracle_{name}": round(oracle_client.TIMING[name] - before[name], 2)
+        for name in ("compute_s", "wait_s", "load_s")
+    }
+    split["warm_wait_s"] = round(getattr(request.node, "_conformance_warm_wait", 0.0), 2)
+    # Each part once, with the first case after it happened (a case without references
+    # does not set the oracle up).
+    new = {name: value for name, value in _SESSION_SETUP.items() if name not in _SETUP_REPORTED}
+    if new:
+        split["session_setup"] = new
+        _SETUP_REPORTED.update(new)
+    request.node.user_properties.append((report.TIMING_PROPERTY, split))
 
 
 @pytest.fixture(scope="session")

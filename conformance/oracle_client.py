@@ -214,11 +214,34 @@ def ensure_zoo(names: set[str]) -> None:
             print(f"[conformance] built zoo models {missing} in {elapsed:.1f}s", file=sys.stderr)
 
 
+#: Where this process's cases spent their time on references, in seconds (and how many it
+#: computed): the conftest's timing fixture reads it around each case, so a report splits a
+#: case's seconds into the oracle's part and the candidate's.
+TIMING = {"compute_s": 0.0, "wait_s": 0.0, "load_s": 0.0, "computed": 0}
+
+
+def worker_share(requests: list[dict], key) -> list[dict]:
+    """This pytest-xdist worker's share of a session's up-front references (all of them
+    without xdist): every ``count``-th distinct one, from the worker's index on.
+
+    Each worker used to ask for the whole batch at once: the first to arrive took every
+    result's lock and computed them all in one process while the others waited on its locks,
+    so no case of any worker started before that one process was done. Shared out, the
+    workers' oracle processes compute side by side; a case whose reference is another
+    worker's waits only for that one (``get`` blocks on its lock), or computes it itself when
+    no one holds it yet."""
+    distinct = list({key(request): request for request in requests}.values())
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if count <= 1 or not worker.startswith("gw") or not worker[2:].isdigit():
+        return distinct
+    return distinct[int(worker[2:]) % count :: count]
+
+
 class Oracle:
     def __init__(self) -> None:
         self.root = zoo.cache_root() / "oracle"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.seconds = 0.0  # time spent in oracle processes this session
         self._env = versions.collect()
 
     def key(self, request: dict) -> str:
@@ -235,8 +258,9 @@ class Oracle:
     def _path(self, request: dict) -> Path:
         return self.root / f"{request['kind']}-{request['model']}-{self.key(request)}.pt"
 
-    def fetch(self, requests: list[dict]) -> list[dict]:
-        """Results for ``requests`` (same order), computing the missing ones in one process."""
+    def prepare(self, requests: list[dict]) -> None:
+        """Make sure the results for ``requests`` exist, computing the missing ones in one
+        process (and waiting for those another process is computing); nothing is loaded."""
         ensure_zoo({r["model"] for r in requests})
         missing = {}
         for request in requests:
@@ -245,7 +269,14 @@ class Oracle:
                 missing.setdefault(path, request)
         if missing:
             self._compute_missing(missing)
-        return [torch.load(self._path(r), weights_only=True) for r in requests]
+
+    def fetch(self, requests: list[dict]) -> list[dict]:
+        """Results for ``requests`` (same order), computing the missing ones in one process."""
+        self.prepare(requests)
+        start = time.perf_counter()
+        results = [torch.load(self._path(r), weights_only=True) for r in requests]
+        TIMING["load_s"] += time.perf_counter() - start
+        return results
 
     def _compute_missing(self, missing: dict[Path, dict]) -> None:
         """Compute the results no other process is computing, then wait for the ones another is.
@@ -265,7 +296,9 @@ class Oracle:
                     mine.append((path, request))
             self._compute(mine)
         for path, request in theirs:
+            start = time.perf_counter()
             with exclusive(path.with_suffix(".lock")):
+                TIMING["wait_s"] += time.perf_counter() - start
                 if not path.is_file():
                     self._compute([(path, request)])
 
@@ -282,7 +315,8 @@ class Oracle:
             else:  # no file descriptors to pass: a process per batch
                 elapsed = _run(["-m", "conformance.oracle", str(jobs_file)], "oracle")
             jobs_file.unlink(missing_ok=True)
-            self.seconds += elapsed
+            TIMING["compute_s"] += elapsed
+            TIMING["computed"] += len(jobs)
             print(f"[conformance] oracle computed {len(jobs)} references in {elapsed:.1f}s", file=sys.stderr)
 
     def get(self, request: dict) -> dict:

@@ -19,6 +19,9 @@ import pytest
 from conformance import raw_reports, versions
 
 PROPERTY = "conformance"
+#: Where a case's seconds went (conftest.py's ``_timing``): the oracle's part, the kernel
+#: warm-up waited for, and a worker's session setup on its first case.
+TIMING_PROPERTY = "conformance_timing"
 
 
 def _reason(report) -> str:
@@ -116,6 +119,9 @@ class ConformanceReport:
         metrics = [value for key, value in report.user_properties if key == PROPERTY]
         if metrics:
             row["metrics"] = metrics
+        for key, value in report.user_properties:
+            if key == TIMING_PROPERTY:
+                row["timing"] = value
         if report.when == "call" or report.outcome != "passed":
             if report.skipped:
                 result = "xfail" if hasattr(report, "wasxfail") else "skip"
@@ -163,6 +169,9 @@ class ConformanceReport:
         ]
         if running:
             data["running"] = running
+        split = time_split(data["cases"])
+        if split:
+            data["time_split"] = split
         if self.warm_dir is not None:
             from conformance import warm_kernels
 
@@ -212,8 +221,41 @@ def header_lines(data: dict) -> list[str]:
         f"date {data['date']}  gpu {env['gpu']}  candidate {data['candidate_mode']}  dtype {data['dtype']}",
         f"shim {shim_text}" + (f": {verdict}" if verdict else "") + (f"  [{patches}]" if patches else ""),
         versions.one_line(env),
-        f"{counts}  ({data['seconds']}s, oracle {data.get('oracle_seconds', 0):.1f}s)",
+        f"{counts}  ({data['seconds']}s)",
+        *time_split_lines(data),
         *progress_lines(data),
+    ]
+
+
+def time_split(cases: list[dict]) -> dict | None:
+    """Where the cases' seconds went, summed over every case (every worker): the references
+    (computed, waited for, loaded), the kernel warm-ups waited for, and the workers' session
+    setup (zoo models built, their up-front share of the references); the rest is the
+    candidate's (loading the model, running it, comparing). None for a report without timings
+    (written before they were recorded)."""
+    timed = [case["timing"] for case in cases if case.get("timing")]
+    if not timed:
+        return None
+    split = {"case_s": round(sum(case.get("seconds") or 0.0 for case in cases), 1)}
+    for name in ("oracle_compute_s", "oracle_wait_s", "oracle_load_s", "warm_wait_s"):
+        split[name] = round(sum(t.get(name, 0.0) for t in timed), 1)
+    setups = [t["session_setup"] for t in timed if t.get("session_setup")]
+    for name in ("zoo_s", "oracle_up_front_s"):
+        values = [setup[name] for setup in setups if name in setup]
+        split[f"setup_{name}"] = round(sum(values), 1)
+        split[f"setup_{name.removesuffix('_s')}_max_s"] = round(max(values, default=0.0), 1)
+    return split
+
+
+def time_split_lines(data: dict) -> list[str]:
+    split = data.get("time_split")
+    if not split:
+        return []
+    return [
+        "case seconds {case_s}: references computed {oracle_compute_s}, waited for {oracle_wait_s}, "
+        "loaded {oracle_load_s}; kernel warm-ups waited for {warm_wait_s}; session setup: zoo "
+        "{setup_zoo_s} (slowest worker {setup_zoo_max_s}), up-front references {setup_oracle_up_front_s} "
+        "(slowest worker {setup_oracle_up_front_max_s})".format(**split)
     ]
 
 

@@ -345,3 +345,71 @@ def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_e
     data = json.loads((tmp_path / "c" / "conformance.json").read_text())
     assert data["exitstatus"] == 3 and data["interrupted"] is True and data["counts"] == {"pass": 1}
     assert (tmp_path / "c" / "conformance.md").is_file()
+
+
+def test_a_report_says_where_the_cases_seconds_went() -> None:
+    """Each case's timing (the conftest's ``_timing`` fixture, carried as a user property like
+    the metrics) adds up in the report: a slow leg says whether references, kernel warm-ups
+    or the workers' setup took the time."""
+    from types import SimpleNamespace
+
+    from conformance import report
+
+    run = report.ConformanceReport(config=None, header={"versions": {}})
+
+    def log(nodeid: str, seconds: float, timing: dict) -> None:
+        run.pytest_runtest_logreport(
+            SimpleNamespace(
+                nodeid=nodeid,
+                duration=seconds,
+                when="call",
+                outcome="passed",
+                skipped=False,
+                failed=False,
+                longrepr=None,
+                user_properties=[(report.TIMING_PROPERTY, timing)],
+            )
+        )
+
+    setup = {"zoo_s": 8.0, "oracle_up_front_s": 40.0, "oracle_share": 12}
+    log(
+        "t::a",
+        50.0,
+        {
+            "oracle_compute_s": 0.0,
+            "oracle_wait_s": 0.0,
+            "oracle_load_s": 0.1,
+            "warm_wait_s": 0.0,
+            "session_setup": setup,
+        },
+    )
+    log(
+        "t::b", 5.0, {"oracle_compute_s": 1.5, "oracle_wait_s": 2.5, "oracle_load_s": 0.1, "warm_wait_s": 0.0}
+    )
+    log(
+        "t::c",
+        70.0,
+        {
+            "oracle_compute_s": 0.0,
+            "oracle_wait_s": 0.0,
+            "oracle_load_s": 0.0,
+            "warm_wait_s": 60.0,
+            "session_setup": {**setup, "oracle_up_front_s": 30.0},
+        },
+    )
+    split = run.summary()["time_split"]
+    assert split == {
+        "case_s": 125.0,
+        "oracle_compute_s": 1.5,
+        "oracle_wait_s": 2.5,
+        "oracle_load_s": 0.2,
+        "warm_wait_s": 60.0,
+        "setup_zoo_s": 16.0,
+        "setup_zoo_max_s": 8.0,
+        "setup_oracle_up_front_s": 70.0,
+        "setup_oracle_up_front_max_s": 40.0,
+    }
+    assert (
+        "up-front references 70.0 (slowest worker 40.0)" in report.time_split_lines({"time_split": split})[0]
+    )
+    assert report.time_split([{"seconds": 1.0}]) is None  # a report from before timings

@@ -82,6 +82,38 @@ def test_a_result_whose_holder_failed_is_computed_by_the_waiter(oracle, monkeypa
     assert done.is_set() and computed == [("x",)]
 
 
+def test_xdist_workers_share_the_up_front_batch_out_between_them(oracle, monkeypatch) -> None:
+    """Each worker prepares its own share of the session's references, side by side; a case
+    needing another worker's reference then waits for it, not computing it a second time."""
+    computed, _, spans = oracle
+    batch = [_request(n) for n in "abcdeb"]  # b twice: one reference, one share
+    key = oracle_client.Oracle.key
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    assert [r["name"] for r in oracle_client.worker_share(batch, lambda r: key(None, r))] == list("abcde")
+    shares = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+        shares[worker] = [r["name"] for r in oracle_client.worker_share(batch, lambda r: key(None, r))]
+    assert shares == {"gw0": ["a", "c", "e"], "gw1": ["b", "d"]}
+
+    threads = [
+        threading.Thread(
+            target=lambda names=names: oracle_client.Oracle().prepare([_request(n) for n in names])
+        )
+        for names in shares.values()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(computed) == [("a", "c", "e"), ("b", "d")]
+    (first, second) = (spans[("a", "c", "e")], spans[("b", "d")])
+    assert first[0] < second[1] and second[0] < first[1]  # side by side, not one after the other
+    assert oracle_client.Oracle().get(_request("d")) == {"name": "d"}
+    assert len(computed) == 2
+
+
 def test_one_oracle_process_serves_every_batch_and_outlives_a_failed_one(monkeypatch, tmp_path: Path) -> None:
     """The real oracle child (CPU): batches after the first reuse its imports; a batch that
     raises is an OracleError with its traceback, and the next batch runs in the same process."""
