@@ -149,11 +149,10 @@ class ModelSpec:
 
     @property
     def tokenizer_family(self) -> str:
-        """Control families (llama, mistral) borrow the qwen2 tokenizer: only logits are compared;
-        qwen3_next, with no published template here, borrows qwen3's."""
+        """Control families (llama, mistral) borrow the qwen2 tokenizer: only logits are compared."""
         if self.family in zoo_tokenizer.TEMPLATE_FAMILIES:
             return self.family
-        return "qwen3" if self.hybrid else "qwen2"
+        return "qwen2"
 
     @property
     def model_type(self) -> str:

@@ -14,7 +14,7 @@ from conformance import chat_reference
 #: The families whose tokenizers carry a Qwen chat template (controls borrow qwen2's).
 #: Qwen3-Next has no reference template in the suite: its tokenizers carry Qwen3's, and its
 #: chat-template case is skipped, not passed.
-TEMPLATE_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe")
+TEMPLATE_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next")
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import shutil
 
 import pytest
 
 from conformance import chat_reference, tolerances, zoo_tokenizer
 
-from .conftest import REPO
+from .conftest import REPO, requires_unsloth, run_python
 
 SHIM_TEMPLATES = REPO / "unsloth_qwen_compat" / "templates"
 #: The shim's file per zoo family (read by path: importing the package imports Unsloth).
@@ -149,3 +150,45 @@ def test_a_shim_template_off_by_one_character_fails_the_case(family, old, new, s
     expected = {label for (label, _, _) in measurements if seen_by in label}
     assert failed == expected
     assert not all(ok for *_, ok in recorded)
+
+
+def test_qwen3_nexts_template_keeps_earlier_reasoning_and_ignores_thinking() -> None:
+    """Qwen3-Next-Instruct's published template (the reference the zoo's qwen3_next tokenizer
+    carries) renders an earlier assistant turn as written, <think> block included, and has no
+    thinking switch: Qwen3's template drops that reasoning and honours enable_thinking."""
+    next_renders = {r["label"]: r["text"] for r in _rendered("qwen3_next")}
+    qwen3_renders = {r["label"]: r["text"] for r in _rendered("qwen3")}
+    assert "<think>\nThe user asks about France.\n</think>" in next_renders["[multi_turn]"]
+    assert "The user asks about France." not in qwen3_renders["[multi_turn]"]
+    for conversation in chat_reference.CONVERSATIONS:
+        assert (
+            len({next_renders[label] for label in next_renders if label.startswith(f"[{conversation}]")}) == 1
+        )
+    assert all(r["text_own"] == r["text"] for r in _rendered("qwen3_next"))
+
+
+@requires_unsloth
+def test_unsloths_qwen3_instruct_is_not_qwen3_nexts_template() -> None:
+    """Why the chat case asks Unsloth for no template name on Qwen3-Next: its nearest name,
+    ``qwen3-instruct``, renders the multi-turn conversation (reasoning in an earlier turn)
+    unlike Qwen's published Qwen3-Next-Instruct template, and the others alike. When this
+    fails, Unsloth's name holds Qwen's current template: use it in the case
+    (``conformance/test_chat_template.py``)."""
+    code = """
+        import json
+        from unsloth.chat_templates import CHAT_TEMPLATES
+        from conformance import chat_reference, zoo_tokenizer
+        tokenizer = zoo_tokenizer.build_tokenizer("qwen3_next")
+        tokenizer.chat_template = CHAT_TEMPLATES["qwen3-instruct"][0]
+        rendered = chat_reference.render_references(zoo_tokenizer.build_tokenizer("qwen3_next"), "qwen3_next")
+        measurements, shown = chat_reference.compare(tokenizer, rendered)
+        print(json.dumps(sorted({label for label, _, count in measurements if count})))
+    """
+    done = run_python(code, env={"UNSLOTH_ALLOW_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    differing = json.loads(done.stdout.strip().splitlines()[-1])
+    assert differing == [
+        f"{metric}[multi_turn]{variant}"
+        for metric in ("text_chars", "token_ids")
+        for variant in ("", "[thinking=off]", "[thinking=on]")
+    ], differing
