@@ -279,13 +279,16 @@ def settings(pytestconfig) -> Settings:
 
 @pytest.fixture(scope="session", autouse=True)
 def zoo_models(pytestconfig) -> None:
-    """Every zoo model the collected cases load (RoPE-grid cells' included), built up front in
-    one process (without Unsloth). The oracle builds the models of its requests, but the families with no HF
-    reference (fast_path, lora_targets) load models that no request names: selected alone
-    on a fresh cache, they found nothing to load."""
-    names = getattr(pytestconfig, "_conformance_zoo_names", set())
+    """Every zoo model the collected cases load (RoPE-grid cells' included), built up front
+    (without Unsloth), each worker's share in one process. The oracle builds the models of its
+    requests, but the families with no HF reference (fast_path, lora_targets) load models that
+    no request names: selected alone on a fresh cache, they found nothing to load."""
+    names = sorted(getattr(pytestconfig, "_conformance_zoo_names", set()))
     start = time.perf_counter()
     if names:
+        # This worker's share first, side by side with the others', then everything (waiting
+        # only for the models another worker is still building).
+        oracle_client.ensure_zoo(oracle_client.worker_share(names, key=str))
         oracle_client.ensure_zoo(names)
     _SESSION_SETUP["zoo_s"] = round(time.perf_counter() - start, 2)
 

@@ -91,7 +91,8 @@ def _subprocess_env(cwd: Path) -> dict:
 def _run(args: list[str], log_name: str) -> float:
     logs = zoo.cache_root() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{log_name}.log"
+    # The pid: workers start their zoo builds in the same second.
+    log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{log_name}.log"
     cwd = _child_cwd()
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
@@ -203,15 +204,37 @@ def exclusive(lock_file: Path, wait: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_zoo(names: set[str]) -> None:
-    """Build missing zoo models in a process that never imports Unsloth."""
-    if all(zoo.is_built(zoo.by_name(n)) for n in names):
+def _zoo_lock(name: str) -> Path:
+    directory = zoo.model_dir(zoo.by_name(name))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return directory.with_name(directory.name + ".lock")
+
+
+def ensure_zoo(names) -> None:
+    """Build the missing zoo models among ``names`` in a process that never imports Unsloth.
+
+    One lock per model, as for the oracle's results: this process builds (in one child) the
+    models no one else is building, then waits for the others'. Under one lock for the whole
+    zoo, every pytest-xdist worker waited 31 s on an H200 while one process built every model;
+    the workers now build their ``worker_share`` of the session's models side by side first
+    (conftest's ``zoo_models``)."""
+    missing = sorted(n for n in set(names) if not zoo.is_built(zoo.by_name(n)))
+    if not missing:
         return
-    with exclusive(zoo.cache_root() / "zoo.lock"):
-        missing = sorted(n for n in names if not zoo.is_built(zoo.by_name(n)))
-        if missing:
-            elapsed = _run(["-m", "conformance.zoo", *missing], "zoo")
-            print(f"[conformance] built zoo models {missing} in {elapsed:.1f}s", file=sys.stderr)
+    with contextlib.ExitStack() as held:
+        mine, theirs = [], []
+        for name in missing:
+            if not held.enter_context(exclusive(_zoo_lock(name), wait=False)):
+                theirs.append(name)
+            elif not zoo.is_built(zoo.by_name(name)):  # built by another before we got its lock
+                mine.append(name)
+        if mine:
+            elapsed = _run(["-m", "conformance.zoo", *mine], "zoo")
+            print(f"[conformance] built zoo models {mine} in {elapsed:.1f}s", file=sys.stderr)
+    for name in theirs:
+        with exclusive(_zoo_lock(name)):  # a holder that failed left it unbuilt: build it here
+            if not zoo.is_built(zoo.by_name(name)):
+                _run(["-m", "conformance.zoo", name], "zoo")
 
 
 #: Where this process's cases spent their time on references, in seconds (and how many it
@@ -220,9 +243,10 @@ def ensure_zoo(names: set[str]) -> None:
 TIMING = {"compute_s": 0.0, "wait_s": 0.0, "load_s": 0.0, "computed": 0}
 
 
-def worker_share(requests: list[dict], key) -> list[dict]:
-    """This pytest-xdist worker's share of a session's up-front references (all of them
-    without xdist): every ``count``-th distinct one, from the worker's index on.
+def worker_share(items: list, key) -> list:
+    """This pytest-xdist worker's share of a session's up-front work, references or zoo models
+    (all of it without xdist): every ``count``-th distinct item by ``key``, from the worker's
+    index on.
 
     Each worker used to ask for the whole batch at once: the first to arrive took every
     result's lock and computed them all in one process while the others waited on its locks,
@@ -230,7 +254,7 @@ def worker_share(requests: list[dict], key) -> list[dict]:
     workers' oracle processes compute side by side; a case whose reference is another
     worker's waits only for that one (``get`` blocks on its lock), or computes it itself when
     no one holds it yet."""
-    distinct = list({key(request): request for request in requests}.values())
+    distinct = list({key(item): item for item in items}.values())
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     if count <= 1 or not worker.startswith("gw") or not worker[2:].isdigit():

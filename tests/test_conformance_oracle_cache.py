@@ -137,3 +137,54 @@ def test_one_oracle_process_serves_every_batch_and_outlives_a_failed_one(monkeyp
     assert log.count("oracle: jobs") == 3
     oracle_client._OracleProcess._current.close()
     assert process.poll() == 0
+
+
+def test_workers_build_their_share_of_the_zoo_side_by_side(monkeypatch, tmp_path: Path) -> None:
+    """Each worker builds its share of the session's zoo models under a lock per model, side
+    by side; asking for every model then waits only for the others' (never builds one twice),
+    and a model whose holder let go unbuilt is built by the waiter."""
+    from conformance import zoo
+
+    monkeypatch.setenv("CONFORMANCE_CACHE", str(tmp_path))
+    builds: list[tuple[str, ...]] = []
+    spans: dict[tuple[str, ...], tuple[float, float]] = {}
+
+    def stand_in_build(args, log_name):  # what `python -m conformance.zoo NAME...` leaves
+        names = tuple(args[2:])
+        builds.append(names)
+        begin = time.monotonic()
+        time.sleep(0.3)
+        for name in names:
+            directory = zoo.model_dir(zoo.by_name(name))
+            directory.mkdir(parents=True)
+            (directory / "COMPLETE").write_text("hash")
+        spans[names] = (begin, time.monotonic())
+        return time.monotonic() - begin
+
+    monkeypatch.setattr(oracle_client, "_run", stand_in_build)
+    names = sorted(spec.name for spec in zoo.ZOO)[:5]
+
+    def worker(index: int) -> None:
+        share = names[index::2]  # what worker_share gives gw<index> of 2
+        oracle_client.ensure_zoo(share)
+        oracle_client.ensure_zoo(names)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(builds) == sorted([tuple(names[0::2]), tuple(names[1::2])])
+    (first, second) = spans.values()
+    assert first[0] < second[1] and second[0] < first[1]  # side by side
+    assert all(zoo.is_built(zoo.by_name(n)) for n in names)
+
+    other = sorted(spec.name for spec in zoo.ZOO)[5]
+    with oracle_client.exclusive(oracle_client._zoo_lock(other), wait=False) as held:
+        assert held
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (oracle_client.ensure_zoo([other]), done.set()))
+        thread.start()
+        assert not done.wait(0.3)  # waits for the holder
+    thread.join(10)
+    assert done.is_set() and builds[-1] == (other,)
