@@ -24,6 +24,7 @@
 #   GRPO_CAP_S=200      step 1's share of it (its runs are stopped at this)
 #   RL_PROMPTS=8 RL_REPLIES=4 RL_NEW_TOKENS=64 RL_WARMUP=2 RL_STEPS=2    bench --rl's step
 #   RL_SHAPES=qwen3-1.7b,qwen3-8b  RL_PRECISIONS=bf16,qlora  RL_PATHS=unsloth,shim,hf
+#   RL_ROUNDS=1          (N: stock and the shim N times each, alternating; hf once)
 #   RL_PROCESS_PER=path  (paths run in that order, hf last: a run cut by the budget keeps
 #                        every stock-vs-shim pair and loses hf's slowest rows first)
 #   PHASES="grpo bench"  which steps to run; GRPO_LOOPS="trl:bf16 custom:qlora" step 1's runs (LOOP:PRECISION)
@@ -70,7 +71,8 @@ bench_args=(
   --rl --process-per "${RL_PROCESS_PER:-path}" --shapes "${RL_SHAPES:-qwen3-1.7b,qwen3-8b}"
   --precisions "${RL_PRECISIONS:-bf16,qlora}" --paths "${RL_PATHS:-unsloth,shim,hf}"
   --prompts "${RL_PROMPTS:-8}" --replies "${RL_REPLIES:-4}" --new-tokens "${RL_NEW_TOKENS:-64}"
-  --warmup "${RL_WARMUP:-2}" --steps "${RL_STEPS:-2}" --cache-dir "$cache" --out "$bench_out"
+  --warmup "${RL_WARMUP:-2}" --steps "${RL_STEPS:-2}" --rounds "${RL_ROUNDS:-1}"
+  --cache-dir "$cache" --out "$bench_out"
   ${BENCH_EXTRA:-}
 )
 

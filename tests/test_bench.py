@@ -166,7 +166,7 @@ def test_card_groups_keep_a_rows_runs_together_and_bisections_apart() -> None:
         (["--qkv-bias-compare", "--paths", "hf"], "drop --paths"),
         (["--steps", "0"], "--steps must be positive"),
         (["--rounds", "0", "--qkv-bias-compare"], "--rounds must be positive"),
-        (["--rounds", "2"], "--rounds applies to --qkv-bias-compare only"),
+        (["--rounds", "2"], "--rounds applies to --qkv-bias-compare and --rl only"),
         (["--gpus", "0,x"], "give CUDA device indices"),
         (["--gpus", "1,1"], "an index is repeated"),
     ],

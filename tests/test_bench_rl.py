@@ -111,6 +111,61 @@ def test_process_per_path_runs_all_of_a_paths_cases_in_one_process_on_one_card()
     assert runner.card_groups(cases, settings.process_per) == [cases]
 
 
+def test_rl_rounds_alternate_stock_and_the_shim_with_hf_once_after_them() -> None:
+    """On an H200, single processes of stock and of the shim (which runs no code inside a
+    Qwen3 step) read 0.89x-1.11x apart: rounds put identical processes beside each other.
+    Round 1 keeps the order given (hf first by default), hf runs once."""
+    cases, settings = _plan(
+        "--process-per", "path", "--rounds", "3", "--shapes", "qwen3-8b", "--precisions", "bf16,qlora"
+    )
+    processes = runner.process_groups(cases, settings.process_per)
+    assert [(p[0].path, p[0].run, [c.precision for c in p]) for p in processes] == [
+        ("hf", 1, ["bf16", "qlora"]),
+        ("unsloth", 1, ["bf16", "qlora"]),
+        ("shim", 1, ["bf16", "qlora"]),
+        ("shim", 2, ["bf16", "qlora"]),
+        ("unsloth", 2, ["bf16", "qlora"]),
+        ("unsloth", 3, ["bf16", "qlora"]),
+        ("shim", 3, ["bf16", "qlora"]),
+    ]
+    assert len({case.id for case in cases}) == len(cases) == 14
+    given, _ = _plan(
+        "--paths", "unsloth,shim,hf", "--rounds", "2", "--shapes", "qwen3-8b", "--precisions", "bf16"
+    )
+    assert [(c.path, c.run) for c in given] == [
+        ("unsloth", 1),
+        ("shim", 1),
+        ("hf", 1),
+        ("shim", 2),
+        ("unsloth", 2),
+    ]
+
+
+def test_rl_rounds_take_each_paths_mean_and_say_how_far_identical_processes_differ() -> None:
+    def run(path: str, step: float, number: int) -> dict:
+        return {**_rl_result(path, step, 0.7 * step), "run": number}
+
+    results = [run("unsloth", 5.0, 1), run("shim", 5.5, 1), run("shim", 5.0, 2), run("unsloth", 5.6, 2)]
+    rows = report.summarize_rl([*results, _rl_result("hf", 20.0, 16.0)])
+    shims = [row for row in rows if row["path"] == "shim"]
+    assert [row["shim_vs_unsloth"] for row in shims] == [pytest.approx(5.3 / 5.25)] * 2
+    assert shims[0]["process_spread"] == pytest.approx(1.12)  # stock's 5.6 over 5.0
+    assert report.rl_rows(rows)[2][2] == "shim #2"
+    text = report.render_markdown(
+        "rl", rows, Settings(process_per="path", rounds=2), ["cmd"], "NVIDIA H200", {}
+    )
+    assert (
+        "qwen3-8b qlora: shim/unsloth 1.01x over the runs' means, identical processes up to 1.12x apart"
+        in text
+    )
+
+    verdict = document.rl_shim_verdict
+    assert verdict([{"shim_vs_unsloth": 1.0}]) == "met"
+    assert verdict([{"shim_vs_unsloth": 0.95, "process_spread": 1.08}]).startswith("not resolved")
+    assert verdict([{"shim_vs_unsloth": 0.89, "process_spread": 1.08}]) == "not met"
+    assert verdict([{"shim_vs_unsloth": 0.89}]) == "not met"  # one run each: no spread to weigh
+
+
 def test_dry_run_says_how_many_processes(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--dry-run", "--rl", "--process-per", "shape", "--prompts", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -42,7 +42,9 @@ Three other modes:
   the KV cache), reference log-probs through the disabled adapter, and the policy's
   forward/backward and AdamW step, each slice timed, with its peak memory; reports
   generated tokens/s, the step split and which slice takes most of it (default Qwen3-1.7B
-  and Qwen3-8B, bf16 and qlora, 2 warm-up and 3 timed steps; ``rl.json`` / ``rl.md``);
+  and Qwen3-8B, bf16 and qlora, 2 warm-up and 3 timed steps; ``rl.json`` / ``rl.md``;
+  ``--rounds N``: stock and the shim N times each, alternating, hf once, and how far
+  identical processes read apart beside the shim's ratio);
 
 - ``--max-seq-bisect``: per path, the longest sequence that trains one step without
   running out of GPU memory (default Qwen3-8B, QLoRA, batch 1), found by bisection in one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ class Case:
     batch: int  # rl: prompts per step
     seq_len: int  # train: the sequence length; bisect: the upper bound of the search; rl: new tokens
     label: str = ""  # --qkv-bias-compare: stock | shim | bound
-    run: int = 1  # --qkv-bias-compare: the second stock run is run 2
+    run: int = 1  # --qkv-bias-compare: the second stock run is run 2; --rl: the round
     drop_qkv_bias: bool = False
     replies: int = 0  # rl: sampled replies per prompt
 
@@ -199,7 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="--qkv-bias-compare: rounds of stock, shim, bound, alternate ones reversed "
-        "(default 1, then stock once more)",
+        "(default 1, then stock once more); --rl: rounds of stock and the shim, every other "
+        "one the shim first, hf once after them (identical processes' spread beside the ratio)",
     )
     parser.add_argument(
         "--gpus",
@@ -258,6 +259,21 @@ def qkv_cases(base: Case, rounds: int) -> list[Case]:
     return cases
 
 
+def rl_cases(base: Case, paths: Sequence[str], rounds: int) -> list[Case]:
+    """One RL row's runs: round 1 runs ``paths`` in the order given; each later round runs
+    stock and the shim again, every other one in reverse (drift over the run then falls on
+    both alike); hf runs in round 1 only. On Qwen3 the shim runs no code inside a step, yet
+    single processes of the two read 0.89x-1.11x apart on an H200 (BENCHMARKS.md): rounds put
+    the spread of identical processes beside the ratio."""
+    paired = [path for path in paths if path != "hf"]
+    later = [
+        replace(base, path=path, run=number)
+        for number in range(2, rounds + 1)
+        for path in (paired[::-1] if number % 2 == 0 else paired)
+    ]
+    return [replace(base, path=path) for path in paths] + later
+
+
 def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
     """The cases to run, in order, and the settings they share. Raises ArgumentTypeError."""
     default_per_shape: dict[str, int] = {}
@@ -295,8 +311,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
         raise argparse.ArgumentTypeError("--warmup must be >= 0")
     if args.rounds < 1:
         raise argparse.ArgumentTypeError("--rounds must be positive")
-    if args.rounds > 1 and not args.qkv_bias_compare:
-        raise argparse.ArgumentTypeError("--rounds applies to --qkv-bias-compare only")
+    if args.rounds > 1 and not (args.qkv_bias_compare or args.rl):
+        raise argparse.ArgumentTypeError("--rounds applies to --qkv-bias-compare and --rl only")
     if args.rl:
         if args.batch or args.seq_len != 2048:
             raise argparse.ArgumentTypeError(
@@ -343,10 +359,11 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], Settings]:
                     Case("train", shape, precision, "unsloth", size, args.seq_len), args.rounds
                 )
             elif args.rl:
-                cases += [
-                    Case("rl", shape, precision, p, args.prompts, args.new_tokens, replies=args.replies)
-                    for p in paths
-                ]
+                cases += rl_cases(
+                    Case("rl", shape, precision, "", args.prompts, args.new_tokens, replies=args.replies),
+                    paths,
+                    args.rounds,
+                )
             else:
                 cases += [Case("train", shape, precision, p, size, args.seq_len) for p in paths]
     return cases, settings

@@ -321,11 +321,37 @@ def _mean_and_runs(mean: float, runs: Sequence[float]) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _mean_step(results: Sequence[Mapping[str, Any]], shape: str, precision: str, path: str) -> float | None:
+    """A path's step time on one row: the mean of its runs' medians (one run per round)."""
+    steps = [
+        r["median_step_s"]
+        for r in results
+        if r.get("status") == "ok" and (r["shape"], r["precision"], r["path"]) == (shape, precision, path)
+    ]
+    return sum(steps) / len(steps) if steps else None
+
+
+def _process_spread(results: Sequence[Mapping[str, Any]], shape: str, precision: str) -> float | None:
+    """How far identical processes read apart on one row: the largest slowest-over-fastest
+    median among stock's runs and among the shim's (None with one run each)."""
+    spreads = []
+    for path in ("unsloth", "shim"):
+        steps = [
+            r["median_step_s"]
+            for r in results
+            if r.get("status") == "ok" and (r["shape"], r["precision"], r["path"]) == (shape, precision, path)
+        ]
+        if len(steps) > 1:
+            spreads.append(max(steps) / max(min(steps), 1e-9))
+    return max(spreads, default=None)
+
+
 def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add each slice's share of the step, the largest slice, and step-speed ratios to the
     ``hf`` and ``unsloth`` rows of the same shape and precision (their step time over this
-    row's: above 1 is faster)."""
-    by_key = {(r["shape"], r["precision"], r["path"]): r for r in results if r.get("status") == "ok"}
+    row's: above 1 is faster). With rounds (``--rounds``), a path's step time is the mean of
+    its runs, every shim row carries the row's ratio, and ``process_spread`` says how far
+    identical processes read apart."""
     rows = []
     for result in results:
         row = dict(result)
@@ -339,14 +365,25 @@ def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["step_spread"] = max(timed) / max(min(timed), 1e-9)
             row["slice_share"] = {name: slices[name] / step for name in RL_SLICES}
             row["largest_slice"] = max(RL_SLICES, key=lambda name: slices[name])
-            hf = by_key.get((row["shape"], row["precision"], "hf"))
-            stock = by_key.get((row["shape"], row["precision"], "unsloth"))
+            key = (row["shape"], row["precision"])
+            hf = next(
+                (
+                    r
+                    for r in results
+                    if r.get("status") == "ok" and (r["shape"], r["precision"], r["path"]) == (*key, "hf")
+                ),
+                None,
+            )
+            stock = _mean_step(results, *key, "unsloth")
             if hf is not None and row["path"] != "hf":
                 row["speed_vs_hf"] = hf["median_step_s"] / step
                 if row.get("peak_allocated_gib") and hf.get("peak_allocated_gib"):
                     row["memory_vs_hf"] = row["peak_allocated_gib"] / hf["peak_allocated_gib"]
             if stock is not None and row["path"] == "shim":
-                row["shim_vs_unsloth"] = stock["median_step_s"] / step
+                row["shim_vs_unsloth"] = stock / _mean_step(results, *key, "shim")
+                spread = _process_spread(results, *key)
+                if spread is not None:
+                    row["process_spread"] = spread
         rows.append(row)
     return rows
 
@@ -404,7 +441,7 @@ def rl_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
         cells = [
             row["shape"],
             row["precision"],
-            row["path"],
+            row["path"] + (f" #{row['run']}" if row.get("run", 1) > 1 else ""),
             f"{row['batch']} x {row['replies']} x {row['seq_len']}",
         ]
         if row.get("status") != "ok":
@@ -441,10 +478,22 @@ def _rl_markdown(rows: Sequence[Mapping[str, Any]], settings: Settings) -> list[
         f"backward, one AdamW step. Reference and train run in micro-batches of {RL_MICRO_BATCH} rows",
         "- generated tokens/s = generated tokens / generate seconds over the timed steps; peak = "
         "torch.cuda.max_memory_allocated over the timed steps' slices; speed vs hf: hf's step time over "
-        "the row's; shim/unsloth: stock Unsloth's step time over the shim's (above 1: the shim is faster)",
+        "the row's; shim/unsloth: stock Unsloth's step time over the shim's (above 1: the shim is faster; "
+        "with rounds, each path's mean over its runs, on every shim row)",
         "",
         markdown_table(RL_HEADER, rl_rows(rows)),
     ]
+    rounds = [r for r in rows if r.get("process_spread") and r["path"] == "shim" and r.get("run", 1) == 1]
+    if rounds:
+        lines += [
+            "",
+            "Rounds (stock and the shim alternating, one process per path and round): "
+            + "; ".join(
+                f"{r['shape']} {r['precision']}: shim/unsloth {r['shim_vs_unsloth']:.2f}x over the runs' "
+                f"means, identical processes up to {r['process_spread']:.2f}x apart"
+                for r in rounds
+            ),
+        ]
     unsteady = unsteady_rl_rows(rows)
     if unsteady:
         lines += [
