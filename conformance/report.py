@@ -324,6 +324,7 @@ def markdown(data: dict) -> str:
         "- result: "
         + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items(), key=lambda kv: str(kv[0])))
         + f" in {data['seconds']} s",
+        *(f"- {line}" for line in time_split_lines(data)),
         *(f"- {line}" for line in progress_lines(data)),
         "",
         "## Shim",

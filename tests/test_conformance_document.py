@@ -412,4 +412,13 @@ def test_a_report_says_where_the_cases_seconds_went() -> None:
     assert (
         "up-front references 70.0 (slowest worker 40.0)" in report.time_split_lines({"time_split": split})[0]
     )
+    header = {
+        "date": "d",
+        "versions": {"gpu": "g"},
+        "candidate_mode": "gpu",
+        "dtype": "fp32",
+        "device": "cuda",
+    }
+    page = report.markdown({**run.summary(), **header, "shim": {}})
+    assert "- case seconds 125.0: references computed 1.5" in page
     assert report.time_split([{"seconds": 1.0}]) is None  # a report from before timings
