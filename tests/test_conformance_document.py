@@ -306,13 +306,10 @@ def test_a_stopped_run_names_the_cases_it_was_inside() -> None:
     assert any(line.startswith("still running when stopped: b (") for line in report.progress_lines(data))
 
 
-def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_error(tmp_path) -> None:
-    """On an H200 a time limit's SIGINT reached pytest-xdist's controller inside its event loop:
-    pytest ended with an internal error, skipped the terminal summary where the report was
-    written, and a worker's report (its 53 cases of the run's 238) was left as the run's."""
-    from conformance import report
-
-    header = {
+def _report_header() -> dict:
+    """A GPU run's report header, as conftest.py writes it (the parts the pages read); fresh
+    each time: a report writes into its header's versions."""
+    return {
         "date": "2026-12-03T11:00:00+00:00",
         "versions": {"gpu": "NVIDIA H200"},
         "candidate_mode": "gpu",
@@ -320,6 +317,13 @@ def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_e
         "device": "cuda",
         "shim": {"installed": True, "enabled": True},
     }
+
+
+def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_error(tmp_path) -> None:
+    """On an H200 a time limit's SIGINT reached pytest-xdist's controller inside its event loop:
+    pytest ended with an internal error, skipped the terminal summary where the report was
+    written, and a worker's report (its 53 cases of the run's 238) was left as the run's."""
+    from conformance import report
 
     class Config:
         def __init__(self, directory, worker: bool) -> None:
@@ -331,12 +335,14 @@ def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_e
             assert name == "conformance_report"
             return str(self.directory)
 
-    worker = report.ConformanceReport(config=Config(tmp_path / "w", worker=True), header=dict(header))
+    worker = report.ConformanceReport(config=Config(tmp_path / "w", worker=True), header=_report_header())
     worker.rows = {"a": {"result": "pass"}}
     worker.pytest_sessionfinish(session=None, exitstatus=2)
     assert not (tmp_path / "w").exists()
 
-    controller = report.ConformanceReport(config=Config(tmp_path / "c", worker=False), header=dict(header))
+    controller = report.ConformanceReport(
+        config=Config(tmp_path / "c", worker=False), header=_report_header()
+    )
     controller.collected = 2
     controller.rows = {
         "a": {"case": "a", "nodeid": "t::a", "result": "pass", "metrics": [], "reason": "", "seconds": 1.0}
@@ -412,13 +418,6 @@ def test_a_report_says_where_the_cases_seconds_went() -> None:
     assert (
         "up-front references 70.0 (slowest worker 40.0)" in report.time_split_lines({"time_split": split})[0]
     )
-    header = {
-        "date": "d",
-        "versions": {"gpu": "g"},
-        "candidate_mode": "gpu",
-        "dtype": "fp32",
-        "device": "cuda",
-    }
-    page = report.markdown({**run.summary(), **header, "shim": {}})
+    page = report.markdown({**run.summary(), **_report_header()})
     assert "- case seconds 125.0: references computed 1.5" in page
     assert report.time_split([{"seconds": 1.0}]) is None  # a report from before timings
