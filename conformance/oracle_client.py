@@ -237,10 +237,10 @@ def ensure_zoo(names) -> None:
                 _run(["-m", "conformance.zoo", name], "zoo")
 
 
-#: Where this process's cases spent their time on references, in seconds (and how many it
-#: computed): the conftest's timing fixture reads it around each case, so a report splits a
-#: case's seconds into the oracle's part and the candidate's.
-TIMING = {"compute_s": 0.0, "wait_s": 0.0, "load_s": 0.0, "computed": 0}
+#: Where this process's cases spent their time on references, in seconds: the conftest's
+#: timing fixture reads it around each case, so a report splits a case's seconds into the
+#: oracle's part and the candidate's.
+TIMING = {"compute_s": 0.0, "wait_s": 0.0, "load_s": 0.0}
 
 
 def worker_share(items: list, key) -> list:
@@ -340,7 +340,6 @@ class Oracle:
                 elapsed = _run(["-m", "conformance.oracle", str(jobs_file)], "oracle")
             jobs_file.unlink(missing_ok=True)
             TIMING["compute_s"] += elapsed
-            TIMING["computed"] += len(jobs)
             print(f"[conformance] oracle computed {len(jobs)} references in {elapsed:.1f}s", file=sys.stderr)
 
     def get(self, request: dict) -> dict:

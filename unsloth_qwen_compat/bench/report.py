@@ -321,13 +321,20 @@ def _mean_and_runs(mean: float, runs: Sequence[float]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _mean_step(results: Sequence[Mapping[str, Any]], shape: str, precision: str, path: str) -> float | None:
-    """A path's step time on one row: the mean of its runs' medians (one run per round)."""
-    steps = [
-        r["median_step_s"]
+def _ok_runs(
+    results: Sequence[Mapping[str, Any]], shape: str, precision: str, path: str
+) -> list[Mapping[str, Any]]:
+    """A path's finished runs on one row (one per round with ``--rounds``)."""
+    return [
+        r
         for r in results
         if r.get("status") == "ok" and (r["shape"], r["precision"], r["path"]) == (shape, precision, path)
     ]
+
+
+def _mean_step(results: Sequence[Mapping[str, Any]], shape: str, precision: str, path: str) -> float | None:
+    """A path's step time on one row: the mean of its runs' medians."""
+    steps = [r["median_step_s"] for r in _ok_runs(results, shape, precision, path)]
     return sum(steps) / len(steps) if steps else None
 
 
@@ -336,11 +343,7 @@ def _process_spread(results: Sequence[Mapping[str, Any]], shape: str, precision:
     median among stock's runs and among the shim's (None with one run each)."""
     spreads = []
     for path in ("unsloth", "shim"):
-        steps = [
-            r["median_step_s"]
-            for r in results
-            if r.get("status") == "ok" and (r["shape"], r["precision"], r["path"]) == (shape, precision, path)
-        ]
+        steps = [r["median_step_s"] for r in _ok_runs(results, shape, precision, path)]
         if len(steps) > 1:
             spreads.append(max(steps) / max(min(steps), 1e-9))
     return max(spreads, default=None)
@@ -366,14 +369,7 @@ def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["slice_share"] = {name: slices[name] / step for name in RL_SLICES}
             row["largest_slice"] = max(RL_SLICES, key=lambda name: slices[name])
             key = (row["shape"], row["precision"])
-            hf = next(
-                (
-                    r
-                    for r in results
-                    if r.get("status") == "ok" and (r["shape"], r["precision"], r["path"]) == (*key, "hf")
-                ),
-                None,
-            )
+            hf = next(iter(_ok_runs(results, *key, "hf")), None)
             stock = _mean_step(results, *key, "unsloth")
             if hf is not None and row["path"] != "hf":
                 row["speed_vs_hf"] = hf["median_step_s"] / step
