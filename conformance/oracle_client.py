@@ -204,6 +204,34 @@ def exclusive(lock_file: Path, wait: bool = True):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def claim_and_run(items: list, lock_of, done, run) -> float:
+    """Run ``run`` once on the items no other process holds (each under its own lock), then
+    wait for the items another process holds, running ``run`` on any its holder let go of
+    undone (that process failed); the seconds spent waiting.
+
+    One lock per item, not one for the whole cache: pytest-xdist workers (and the stock, shim
+    and mutation runs of a leg, which share the cache) work on different items at the same
+    time and never on the same one twice. A process waits only after its own run has ended
+    and its locks are released, so no two wait on each other."""
+    waited = 0.0
+    with contextlib.ExitStack() as held:
+        mine, theirs = [], []
+        for item in items:
+            if not held.enter_context(exclusive(lock_of(item), wait=False)):
+                theirs.append(item)
+            elif not done(item):  # finished by another process before we got its lock
+                mine.append(item)
+        if mine:
+            run(mine)
+    for item in theirs:
+        start = time.perf_counter()
+        with exclusive(lock_of(item)):
+            waited += time.perf_counter() - start
+            if not done(item):
+                run([item])
+    return waited
+
+
 def _zoo_lock(name: str) -> Path:
     directory = zoo.model_dir(zoo.by_name(name))
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -211,30 +239,19 @@ def _zoo_lock(name: str) -> Path:
 
 
 def ensure_zoo(names) -> None:
-    """Build the missing zoo models among ``names`` in a process that never imports Unsloth.
-
-    One lock per model, as for the oracle's results: this process builds (in one child) the
-    models no one else is building, then waits for the others'. Under one lock for the whole
-    zoo, every pytest-xdist worker waited 31 s on an H200 while one process built every model;
-    the workers now build their ``worker_share`` of the session's models side by side first
+    """Build the missing zoo models among ``names`` in a process that never imports Unsloth,
+    each under a lock of its own (``claim_and_run``). Under one lock for the whole zoo, every
+    pytest-xdist worker waited 31 s on an H200 while one process built every model; the
+    workers now build their ``worker_share`` of the session's models side by side first
     (conftest's ``zoo_models``)."""
+
+    def build(names: list[str]) -> None:
+        elapsed = _run(["-m", "conformance.zoo", *names], "zoo")
+        print(f"[conformance] built zoo models {names} in {elapsed:.1f}s", file=sys.stderr)
+
     missing = sorted(n for n in set(names) if not zoo.is_built(zoo.by_name(n)))
-    if not missing:
-        return
-    with contextlib.ExitStack() as held:
-        mine, theirs = [], []
-        for name in missing:
-            if not held.enter_context(exclusive(_zoo_lock(name), wait=False)):
-                theirs.append(name)
-            elif not zoo.is_built(zoo.by_name(name)):  # built by another before we got its lock
-                mine.append(name)
-        if mine:
-            elapsed = _run(["-m", "conformance.zoo", *mine], "zoo")
-            print(f"[conformance] built zoo models {mine} in {elapsed:.1f}s", file=sys.stderr)
-    for name in theirs:
-        with exclusive(_zoo_lock(name)):  # a holder that failed left it unbuilt: build it here
-            if not zoo.is_built(zoo.by_name(name)):
-                _run(["-m", "conformance.zoo", name], "zoo")
+    if missing:
+        claim_and_run(missing, _zoo_lock, lambda name: zoo.is_built(zoo.by_name(name)), build)
 
 
 #: Where this process's cases spent their time on references, in seconds: the conftest's
@@ -303,28 +320,14 @@ class Oracle:
         return results
 
     def _compute_missing(self, missing: dict[Path, dict]) -> None:
-        """Compute the results no other process is computing, then wait for the ones another is.
-
-        One lock per result, not one for the whole cache: pytest-xdist workers (and the stock,
-        shim and mutation runs of a leg, which share the cache) compute different references
-        at the same time and never the same one twice. A process waits only after its own
-        child has finished and its locks are released, so no two wait on each other; a result
-        still missing after its holder let go (that process failed) is computed here.
-        """
-        with contextlib.ExitStack() as held:
-            mine, theirs = [], []
-            for path, request in missing.items():
-                if not held.enter_context(exclusive(path.with_suffix(".lock"), wait=False)):
-                    theirs.append((path, request))
-                elif not path.is_file():  # finished by another process before we got its lock
-                    mine.append((path, request))
-            self._compute(mine)
-        for path, request in theirs:
-            start = time.perf_counter()
-            with exclusive(path.with_suffix(".lock")):
-                TIMING["wait_s"] += time.perf_counter() - start
-                if not path.is_file():
-                    self._compute([(path, request)])
+        """Compute the results no other process is computing, then wait for the ones another
+        is (``claim_and_run``, one lock per result)."""
+        TIMING["wait_s"] += claim_and_run(
+            list(missing.items()),
+            lock_of=lambda pair: pair[0].with_suffix(".lock"),
+            done=lambda pair: pair[0].is_file(),
+            run=self._compute,
+        )
 
     def _compute(self, pairs: list[tuple[Path, dict]]) -> None:
         jobs = [

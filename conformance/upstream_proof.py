@@ -201,13 +201,13 @@ def _k_selection(report: dict[str, Any]):
     """The cases a run's ``-k`` expressions selected, as a test on a node id (pytest's own
     parser, names matched as substrings), or None where it had none (every case). A merge
     selected what any of its joined parts did."""
+    from _pytest.mark.expression import Expression  # pytest's own -k parser
+
     tests = []
     for part in raw_reports.joined_parts(report):
         expressions = raw_reports.k_expressions(part.get("pytest_args"))
         if not expressions:
             return None
-        from _pytest.mark.expression import Expression
-
         tests.append([Expression.compile(expression) for expression in expressions])
     return lambda nodeid: any(
         all(e.evaluate(lambda name: name.lower() in nodeid.lower()) for e in compiled) for compiled in tests
