@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,25 @@ def unfinished(report: dict[str, Any]) -> str:
     return ""
 
 
+def unended(report: dict[str, Any]) -> list[str]:
+    """The node ids of the cases a run selected and did not end: those it was inside when it
+    stopped and those it never started (reports written since ``not_started`` existed)."""
+    ended = {case["nodeid"] for case in report.get("cases", []) if case.get("result")}
+    ids = [case["nodeid"] for case in report.get("cases", [])]
+    ids += [case["nodeid"] for case in report.get("running", [])]
+    ids += report.get("not_started", [])
+    return list(dict.fromkeys(i for i in ids if i not in ended))
+
+
+def rerun_expression(nodeids: list[str]) -> str:
+    """A pytest ``-k`` expression that selects exactly these cases: each case's full name,
+    parameters included (pytest-xdist's ``@group`` suffix dropped). A ``-k`` rather than node ids,
+    so that the re-run's report says what it selected and ``upstream_proof merge --rerun`` can
+    place it."""
+    names = dict.fromkeys(nodeid.split("::")[-1].split("@")[0] for nodeid in nodeids)
+    return " or ".join(names)
+
+
 def is_complete(report: dict[str, Any]) -> bool:
     """Whether the report positively says that every selected case ended (new fields present,
     not interrupted): what a proof that compares two runs needs."""
@@ -194,3 +214,30 @@ def counts(report: dict[str, Any]) -> str:
     found.setdefault("fail", 0)
     order = [r for r in RESULT_ORDER if r in found] + sorted(set(found) - set(RESULT_ORDER), key=str)
     return ", ".join(f"{found[r]} {r}" for r in order if found[r] or r == "fail")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m conformance.raw_reports unended REPORT.json``: print the ``-k`` expression that
+    re-runs what a stopped run left (nothing, exit 1, when every case ended)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m conformance.raw_reports", description=main.__doc__)
+    parser.add_argument("command", choices=["unended"])
+    parser.add_argument("report", type=Path, help="a run's conformance.json")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    left = unended(report)
+    if not left:
+        if unfinished(report):
+            print(
+                f"{args.report}: {unfinished(report)}, and it names no unended case (written before not_started)",
+                file=sys.stderr,
+            )
+            return 2
+        return 1
+    print(rerun_expression(left))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -59,6 +59,9 @@ class ConformanceReport:
         # How many cases the run selected and how it ended: a run stopped by a time limit (SIGINT,
         # pytest's exit status 2) writes the cases it finished, and must not read as complete.
         self.collected: int | None = None
+        # Their node ids: a stopped run names the cases it never started, so that a re-run
+        # (python -m conformance.raw_reports unended) selects exactly what is left.
+        self.collected_ids: list[str] = []
         self.exitstatus: int | None = None
         self.interrupted = False  # under pytest-xdist, SIGINT can end the session with status 0
         # When each case started (workers forward it to the controller): a stopped run names
@@ -71,10 +74,12 @@ class ConformanceReport:
         self.written: Path | None = None
 
     def pytest_collection_finish(self, session) -> None:
-        self.collected = len(session.items)
+        self.collected_ids = [item.nodeid for item in session.items]
+        self.collected = len(self.collected_ids)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node, ids) -> None:  # the controller under -n
+        self.collected_ids = list(ids)
         self.collected = len(ids)
 
     def pytest_runtest_logstart(self, nodeid, location) -> None:
@@ -169,6 +174,13 @@ class ConformanceReport:
         ]
         if running:
             data["running"] = running
+        not_started = [
+            nodeid
+            for nodeid in self.collected_ids
+            if nodeid not in self.rows and nodeid not in self.case_started
+        ]
+        if not_started:
+            data["not_started"] = not_started
         split = time_split(data["cases"])
         if split:
             data["time_split"] = split

@@ -306,6 +306,44 @@ def test_a_stopped_run_names_the_cases_it_was_inside() -> None:
     assert any(line.startswith("still running when stopped: b (") for line in report.progress_lines(data))
 
 
+def test_a_stopped_run_names_what_it_left_and_how_to_rerun_exactly_that(tmp_path) -> None:
+    """The cases it was inside and those it never started, as a ``-k`` that selects them and no
+    other (pytest's own parser, names matched as pytest does: substrings of the case's name).
+    A whole-leg H200 run stopped with 8 cases running and 37 not started, and nothing named them."""
+    from _pytest.mark.expression import Expression
+
+    from conformance import raw_reports, report
+
+    ids = [
+        "conformance/test_lora.py::test_lora_gradients[qwen3-plain-FastModel]@group-a",
+        "conformance/test_lora.py::test_lora_gradients[qwen3_moe-plain-FastModel]",
+        "conformance/test_lora.py::test_lora_gradients[qwen3-plain-FastLanguageModel]",
+        "conformance/test_forward.py::test_forward_logits[qwen3]",
+    ]
+    run = report.ConformanceReport(config=None, header={"versions": {}})
+    run.exitstatus = 2
+    run.pytest_xdist_node_collection_finished(None, ids)
+    run.rows = {ids[3]: {"nodeid": ids[3], "result": "pass"}}
+    run.pytest_runtest_logstart(ids[1], None)
+    data = run.summary()
+    assert data["not_started"] == [ids[0], ids[2]]
+    left = raw_reports.unended(data)
+    assert sorted(left) == sorted(ids[:3])
+    k = Expression.compile(raw_reports.rerun_expression(left))
+    names = [nodeid.split("::")[-1].split("@")[0] for nodeid in ids]
+    picked = [name for name in names if k.evaluate(lambda sub, name=name: sub.lower() in name.lower())]
+    assert picked == names[:3]
+
+    path = tmp_path / "conformance.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert raw_reports.main(["unended", str(path)]) == 0
+    run.rows.update({i: {"nodeid": i, "result": "pass"} for i in ids[:3]})
+    run.case_started.clear()
+    run.exitstatus = 0
+    path.write_text(json.dumps(run.summary()), encoding="utf-8")
+    assert raw_reports.main(["unended", str(path)]) == 1  # nothing left
+
+
 def _report_header() -> dict:
     """A GPU run's report header, as conftest.py writes it (the parts the pages read); fresh
     each time: a report writes into its header's versions."""
