@@ -188,13 +188,22 @@ def unended(report: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(i for i in ids if i not in ended))
 
 
+# What pytest's -k takes as one name (_pytest.mark.expression's identifier).
+_K_IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")
+
+
 def rerun_expression(nodeids: list[str]) -> str:
-    """A pytest ``-k`` expression that selects exactly these cases: each case's full name,
-    parameters included (pytest-xdist's ``@group`` suffix dropped). A ``-k`` rather than node ids,
-    so that the re-run's report says what it selected and ``upstream_proof merge --rerun`` can
-    place it."""
-    names = dict.fromkeys(nodeid.split("::")[-1].split("@")[0] for nodeid in nodeids)
-    return " or ".join(names)
+    """A pytest ``-k`` expression that selects these cases: each case's full name, parameters
+    included (pytest-xdist's ``@group`` suffix dropped). A name with characters ``-k`` cannot
+    spell (``prompts[29, 14, 6, 3]``) becomes the ``and`` of its spellable pieces, which may
+    also select a sibling whose name holds the same pieces: a re-run of one case more, never
+    one fewer. A ``-k`` rather than node ids, so that the re-run's report says what it selected
+    and ``upstream_proof merge --rerun`` can place it."""
+    terms = []
+    for name in dict.fromkeys(nodeid.split("::")[-1].split("@")[0] for nodeid in nodeids):
+        pieces = _K_IDENT.findall(name)
+        terms.append(pieces[0] if len(pieces) == 1 else "(" + " and ".join(pieces) + ")")
+    return " or ".join(terms)
 
 
 def is_complete(report: dict[str, Any]) -> bool:
