@@ -10,6 +10,9 @@ grid cell ``[<family>-<type>...]``) and says per family and leg what the shim ru
 - **WRONG**: a case failed or errored with the shim;
 - ``-``: no committed run has a case of the family.
 
+Cases a stopped run did not end (running when it stopped, or never started) are counted as
+such, never as passed or skipped.
+
 A case id that appears in several runs of a leg counts once, from the newest run. With
 ``--readme`` the table replaces the block between the ``models`` markers of that file;
 tests/test_model_table.py checks that the README's block is what this gives.
@@ -58,6 +61,12 @@ def read(reports: Path, runs_of_a_gpu_run: bool = False) -> dict[str, dict[str, 
                 key = raw_reports.case_name(case)
                 if key not in cases or run.data["date"] >= cases[key]["_date"]:
                     cases[key] = {**case, "_date": run.data["date"]}
+            # A stopped run's cases that never started: no result, unless another run has one.
+            for nodeid in run.data.get("not_started", []):
+                key = nodeid.split("::")[-1]
+                cases.setdefault(
+                    key, {"case": key, "nodeid": nodeid, "result": None, "_date": run.data["date"]}
+                )
     return legs
 
 
@@ -121,9 +130,12 @@ def cell(shim: list[tuple[str, str, str]], stock: list[tuple[str, str, str]]) ->
         text = f"right: {passed} pass" + (" (stock not run)" if len(unmeasured) == passed else ", stock too")
     if refused:
         text += f"; {len(refused)} refused (via {', '.join(sorted(set(refused)))})"
-    others = len(shim) - passed - len(refused)
+    unended = sum(result is None for result in results)
+    others = len(shim) - passed - len(refused) - unended
     if others:
         text += f"; {others} skipped"
+    if unended:
+        text += f"; {unended} not ended (the run stopped first)"
     return text
 
 

@@ -221,8 +221,13 @@ def counts(report: dict[str, Any]) -> str:
     """E.g. "87 pass, 4 refused, 0 fail": every result that occurred, and fail always."""
     found = dict(report.get("counts", {}))
     found.setdefault("fail", 0)
+    # A case without a result (running when the run stopped) is no result: said with those
+    # never started, as how many of the selection did not end.
+    found.pop("null", None), found.pop(None, None)
     order = [r for r in RESULT_ORDER if r in found] + sorted(set(found) - set(RESULT_ORDER), key=str)
-    return ", ".join(f"{found[r]} {r}" for r in order if found[r] or r == "fail")
+    text = ", ".join(f"{found[r]} {r}" for r in order if found[r] or r == "fail")
+    left = unended(report)
+    return text + (f", {len(left)} not ended" if left else "")
 
 
 def main(argv: list[str] | None = None) -> int:

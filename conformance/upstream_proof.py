@@ -258,6 +258,21 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
     args: list[str] = []
     for report in reports:
         args += report.get("pytest_args", [])
+    # What is still left: the later parts' running and never-started cases that no part
+    # ended (a part's own lists can name cases that a later re-run ended).
+    ended_ids = {case.get("nodeid") for case in cases if case.get("result")}
+    running = {
+        entry["nodeid"]: entry
+        for report in reports
+        for entry in report.get("running", [])
+        if entry["nodeid"] not in ended_ids
+    }
+    case_ids = {case.get("nodeid") for case in cases}
+    not_started = [
+        nodeid
+        for nodeid in dict.fromkeys(n for report in reports for n in report.get("not_started", []))
+        if nodeid not in ended_ids and nodeid not in running and nodeid not in case_ids
+    ]
     if rerun:
         # The first report's selection is the whole; complete when every case of it has ended.
         collected = first.get("collected")
@@ -293,6 +308,8 @@ def merge(reports: list[dict[str, Any]], sources: list[str], rerun: bool = False
             or [{"source": s, "date": r.get("date"), "pytest_args": r.get("pytest_args")}]
         ],
         "finished": max(str(r.get("finished", "")) for r in reports),
+        "running": list(running.values()),
+        "not_started": not_started,
         **completion,
         "seconds": round(sum(float(r.get("seconds", 0.0)) for r in reports), 1),
         "counts": counts,

@@ -178,6 +178,18 @@ def test_merge_rerun_puts_later_results_over_a_stopped_run(tmp_path) -> None:
     stopped_again = _report([{**_case(QWEN, "pass"), "result": None}])
     kept = upstream_proof.merge([whole, again, stopped_again], ["whole", "again", "stopped"], rerun=True)
     assert kept["counts"] == {"pass": 3} and "stopped" not in kept["reran"].values()
+    # What is left is what no part ended: a first run's never-started case that a re-run ended
+    # is not left; one that a re-run was inside when it stopped is.
+    first = _report([_case(QWEN, "pass")], interrupted=True)
+    first.update(collected=3, not_started=[_case(CONTROL, "x")["nodeid"], _case(TYPO, "x")["nodeid"]])
+    second = _report([_case(CONTROL, "pass"), {**_case(TYPO, "pass"), "result": None}], interrupted=True)
+    second["running"] = [{"nodeid": _case(TYPO, "x")["nodeid"], "seconds": 9.0}]
+    left = upstream_proof.merge([first, second], ["first", "second"], rerun=True)
+    assert left["not_started"] == [] and [r["nodeid"] for r in left["running"]] == [
+        _case(TYPO, "x")["nodeid"]
+    ]
+    assert raw_reports.unended(left) == [_case(TYPO, "x")["nodeid"]]
+    assert raw_reports.counts(left) == "2 pass, 0 fail, 1 not ended"
     # A part that is itself a merge (a join of parts, then re-runs over it) names its own parts.
     joined = upstream_proof.merge([whole, _report([_case(TYPO, "pass")])], ["core.json", "hybrid.json"])
     over = upstream_proof.merge([joined, again], ["joined.json", "again.json"], rerun=True)
