@@ -22,7 +22,7 @@ only fills caches: a case computes the same with or without it, and a warm-up th
 late costs time, never a result. Warm-ups of one lane take turns on a machine (a lock per
 lane): runs side by side, as the retire proof's, compile each kernel once between them, and a
 case of a run whose turn has not come goes on once another run has warmed its model (a marker
-per machine, kind, model, unsloth_zoo and Triton cache: :func:`machine_marker`).
+per machine, kind, model, unsloth_zoo and copy of the Triton cache: :func:`machine_marker`).
 
     python -m conformance.warm_kernels --dir DIR --kind fp32-lora --models qwen3_5-plain,...
 """
@@ -309,11 +309,38 @@ def machine_marker(kind: str, model: str) -> Path:
         zoo_version = metadata.version("unsloth_zoo")
     except metadata.PackageNotFoundError:
         zoo_version = "none"
-    cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
-    key = hashlib.sha256(f"{zoo_version}|{os.path.abspath(os.path.expanduser(cache))}".encode()).hexdigest()[
-        :12
-    ]
+    cache = os.path.abspath(os.path.expanduser(os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")))
+    key = hashlib.sha256(f"{zoo_version}|{cache}|{cache_identity(cache)}".encode()).hexdigest()[:12]
     return _machine_file(f"{kind}.{model}.{key}.ok")
+
+
+#: A file in the Triton cache naming this copy of it (conformance/compile_caches.sh leaves it
+#: out of its packs).
+CACHE_ID_FILE = ".unsloth-qwen-compat-cache-id"
+
+
+def cache_identity(cache: str) -> str:
+    """A name for this copy of the Triton cache, made on first use. The path alone was not
+    enough: on an H200 the cache folder was deleted and unpacked again from an older pack
+    between two runs, the machine's markers still said its models were warm, no warm-up ran,
+    and each hybrid case compiled the kernels itself, seven side by side (about 240 s a case
+    instead of 5-20 s)."""
+    path = Path(cache) / CACHE_ID_FILE
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        pass
+    import uuid
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x", encoding="utf-8") as out:  # the first process to get here names it
+            out.write(uuid.uuid4().hex)
+    except FileExistsError:
+        pass
+    except OSError:
+        return "unnamed"  # a read-only cache: the path is all there is to go on
+    return path.read_text(encoding="utf-8").strip()
 
 
 def machine_lock(kind: str) -> Path:

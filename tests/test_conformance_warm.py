@@ -7,6 +7,7 @@ case waits for them (and stops waiting), and that the hybrid cases are collected
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -228,6 +229,12 @@ def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model
         assert warm_kernels._pending(session, "fp32", "qwen3_next-plain")  # another model still waits
         # Another Triton cache is another set of kernels: its marker does not count.
         monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "other-triton"))
+        assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
+        # Nor does the same folder deleted and filled again (on an H200, unpacked from an older
+        # pack between two runs: the marker said warm, and every case compiled for itself).
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+        assert not warm_kernels._pending(session, "fp32", "qwen3_5-plain")
+        shutil.rmtree(tmp_path / "triton")
         assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
     finally:
         waiting_for_turn.kill()
