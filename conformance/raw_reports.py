@@ -9,6 +9,8 @@ one kind in two dtypes sit side by side, and it must then agree with the header.
 
 Only the documents' generators read these (conformance/document.py, conformance/rope_table.py,
 unsloth_qwen_compat/_legs_table.py): they exist in a checkout, not in a wheel.
+``python -m conformance.raw_reports unended REPORT.json`` reads any run's report, installed or
+in a checkout: it prints the ``-k`` that re-runs what a stopped run left.
 """
 
 from __future__ import annotations
@@ -240,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", type=Path, help="a run's conformance.json")
     args = parser.parse_args(argv)
     report = json.loads(args.report.read_text(encoding="utf-8"))
+    if unfinished(report) and "not_started" not in report:
+        print(
+            f"{args.report}: {unfinished(report)}, and it was written before reports named the cases "
+            "they never started: re-run its whole selection",
+            file=sys.stderr,
+        )
+        return 2
     left = unended(report)
     if not left:
-        if unfinished(report):
-            print(
-                f"{args.report}: {unfinished(report)}, and it names no unended case (written before not_started)",
-                file=sys.stderr,
-            )
-            return 2
         return 1
     print(rerun_expression(left))
     return 0

@@ -174,13 +174,13 @@ class ConformanceReport:
         ]
         if running:
             data["running"] = running
-        not_started = [
+        # Always written (an empty list too): its presence says the report names every case
+        # it did not end (raw_reports.unended), which reports from before it cannot.
+        data["not_started"] = [
             nodeid
             for nodeid in self.collected_ids
             if nodeid not in self.rows and nodeid not in self.case_started
         ]
-        if not_started:
-            data["not_started"] = not_started
         split = time_split(data["cases"])
         if split:
             data["time_split"] = split

@@ -344,6 +344,11 @@ def test_a_stopped_run_names_what_it_left_and_how_to_rerun_exactly_that(tmp_path
     run.exitstatus = 0
     path.write_text(json.dumps(run.summary()), encoding="utf-8")
     assert raw_reports.main(["unended", str(path)]) == 1  # nothing left
+    # A stopped run's report from before not_started cannot name what it never started.
+    old = {**data, "cases": [], "running": []}
+    del old["not_started"]
+    path.write_text(json.dumps(old), encoding="utf-8")
+    assert raw_reports.main(["unended", str(path)]) == 2
 
 
 def _report_header() -> dict:
