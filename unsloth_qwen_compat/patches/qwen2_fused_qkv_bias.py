@@ -37,8 +37,8 @@ layers fused here are reported to it the way stock's are: FSDP's decline switche
 back to PEFT's forward, FSDP2's gate counts them, ZeRO-3 makes their decoder layers leaves.
 
 On by default since the fused-QKV conformance cases pass with it on against HF + PEFT on
-legs 2026.10, 2025.10 and 2025.3 (fp32 against HF fp32; bf16 and NF4 against HF fp32 on
-the same weights, within 2.5x HF's own rounding error); leg latest has not run them.
+legs 2026.10, 2025.10, 2025.3 and latest (fp32 against HF fp32; bf16 and NF4 against HF
+fp32 on the same weights, within 2.5x HF's own rounding error).
 ``UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS=0`` (``false``/``no``/``off``, any case) switches it
 off: Unsloth's functions stay untouched and ``status`` says ``switched off``. Before that
 evidence it was opt-in (``=1``), since on by default it changes the path every Qwen2 user
@@ -590,8 +590,8 @@ class Qwen2FusedQkvBias(Patch):
     unsloth_module = "unsloth.models.llama"
     speed_only = True
     # On by default: it was opt-in until its conformance cases (test_fused_qkv) passed with it
-    # on against HF on the measured legs (2026.10, 2025.10, 2025.3; CONFORMANCE.md), its speed
-    # in BENCHMARKS.md. Leg latest has not run them. UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS=0 (or
+    # on against HF on the measured legs (2026.10, 2025.10, 2025.3, latest; CONFORMANCE.md), its
+    # speed in BENCHMARKS.md. UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS=0 (or
     # false / no / off) keeps stock's PEFT path for q/k/v.
     off_env = "UNSLOTH_QWEN_COMPAT_FUSED_QKV_BIAS"
     conformance_cases = ("test_fused_qkv",)
