@@ -74,6 +74,14 @@ def test_the_conformance_cell_says_what_the_reports_say(tmp_path) -> None:
         " vs stock (`-k test_rope_grid`) 0 fail, 1 error (NVIDIA H200, bf16, 2026-12-02)"
     )
     assert _legs_table.conformance_cell({}) == "no raw report committed"
+    # A stopped run says how much did not end: by name where its report can, else as it stopped.
+    stopped = {"nodeid": "conformance/x.py::test_y[qwen3]", "result": None}
+    _report(tmp_path, "c", "shim", interrupted=True, collected=92, cases=[stopped], not_started=["n1"])
+    _report(tmp_path, "c", "stock", interrupted=True, counts={"pass": 65})
+    assert _legs_table.conformance_cell(_legs_table.read_reports(tmp_path, "c")) == (
+        "`-m rope`: shim 87 pass, 4 refused, 0 fail, 2 not ended vs stock 65 pass, 0 fail;"
+        " interrupted after 0 cases (NVIDIA H200, fp32, 2026-12-02)"
+    )
 
 
 def test_runtime_code_never_reads_the_reports() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 # The README and CONFORMANCE.md (conformance/document.py) say a run's selection and counts
 # with the same words; that module imports neither Unsloth nor this package.
-from conformance.raw_reports import counts, dates, selection
+from conformance.raw_reports import counts, dates, selection, unended, unfinished
 
 from ._matrix import LEGS
 
@@ -60,6 +60,8 @@ def conformance_cell(runs: dict[str, dict[str, Any]]) -> str:
         if not same_cases:
             part += f" ({selection(report)})"
         part += f" {counts(report)}"
+        if unfinished(report) and not unended(report):  # an older report: it cannot name them
+            part += f"; {unfinished(report)}"
         if not same_circumstances:
             part += f" ({circumstances(report)})"
         parts.append(part)
