@@ -41,10 +41,10 @@ if [[ $command == pack ]]; then
   # The warm-ups' name for a copy of the Triton cache (warm_kernels.cache_identity) stays
   # with that copy: an unpacked one is another copy.
   if [[ -n ${3:-} ]]; then
-    tar --exclude=.unsloth-qwen-compat-cache-id -chC "$stage" . | xz -T0 -6 | split -b "${3}M" - "$archive.part-"
+    tar --exclude='.unsloth-qwen-compat-cache-id*' -chC "$stage" . | xz -T0 -6 | split -b "${3}M" - "$archive.part-"
     ls -l "$archive".part-*
   else
-    tar --exclude=.unsloth-qwen-compat-cache-id -chC "$stage" . | xz -T0 -6 >"$archive"
+    tar --exclude='.unsloth-qwen-compat-cache-id*' -chC "$stage" . | xz -T0 -6 >"$archive"
     ls -l "$archive"
   fi
 else

@@ -324,23 +324,28 @@ def cache_identity(cache: str) -> str:
     enough: on an H200 the cache folder was deleted and unpacked again from an older pack
     between two runs, the machine's markers still said its models were warm, no warm-up ran,
     and each hybrid case compiled the kernels itself, seven side by side (about 240 s a case
-    instead of 5-20 s)."""
+    instead of 1-19 s in leg 2026.10's report)."""
     path = Path(cache) / CACHE_ID_FILE
+    if not path.is_file():
+        import uuid
+
+        draft = path.with_name(f"{CACHE_ID_FILE}.{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draft.write_text(uuid.uuid4().hex, encoding="utf-8")
+            # A link appears whole and only once: the first process's name wins, and no
+            # process reads a name another is still writing.
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        except OSError:
+            return "unnamed"  # a read-only cache: the path is all there is to go on
+        finally:
+            draft.unlink(missing_ok=True)
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError:
-        pass
-    import uuid
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as out:  # the first process to get here names it
-            out.write(uuid.uuid4().hex)
-    except FileExistsError:
-        pass
-    except OSError:
-        return "unnamed"  # a read-only cache: the path is all there is to go on
-    return path.read_text(encoding="utf-8").strip()
+        return "unnamed"
 
 
 def machine_lock(kind: str) -> Path:

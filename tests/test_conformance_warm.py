@@ -236,6 +236,9 @@ def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model
         assert not warm_kernels._pending(session, "fp32", "qwen3_5-plain")
         shutil.rmtree(tmp_path / "triton")
         assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
+        name = warm_kernels.cache_identity(str(tmp_path / "triton"))
+        assert len(name) == 32 and name == warm_kernels.cache_identity(str(tmp_path / "triton"))
+        assert [f.name for f in (tmp_path / "triton").iterdir()] == [warm_kernels.CACHE_ID_FILE]
     finally:
         waiting_for_turn.kill()
 
