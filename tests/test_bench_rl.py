@@ -423,3 +423,85 @@ def test_cpu_rl_run_end_to_end_two_cases_in_one_hf_process(
     assert set(timed["seconds"]) == {"generate", "reference", "train"} and math.isfinite(timed["loss"])
     assert bf16["trainable_params"] == bench.lora_params(bench.SHAPES["tiny-qwen3"])
     assert "| tiny-qwen3 | bf16 | hf | 2 x 2 x 4 |" in (tmp_path / "out" / "rl.md").read_text()
+
+
+#: What a worker returns for an rl row, as far as the runner's progress line reads it.
+_RL_OK = {
+    "status": "ok",
+    "slice_median_s": {"generate": 1.0},
+    "median_step_s": 1.0,
+    "generated_tokens_per_s": 1.0,
+}
+
+
+def test_a_process_of_several_shapes_loads_each_cases_own_checkpoint(tmp_path, monkeypatch) -> None:
+    """--process-per path runs both shapes in one process: each spec names its own shape's
+    checkpoint (on an H200 every row after the first loaded the first row's model)."""
+    cases, settings = _plan(
+        "--process-per",
+        "path",
+        "--paths",
+        "unsloth",
+        "--precisions",
+        "bf16",
+        "--shapes",
+        "qwen3-1.7b,qwen3-8b",
+    )
+    built = {name: (tmp_path / name, None) for name in ("qwen3-1.7b", "qwen3-8b")}
+    monkeypatch.setattr(runner, "prepare_checkpoints", lambda *a, **k: built)
+    seen: list[tuple[str, str]] = []
+
+    def fake_workers(specs, work, log, timeout, gpu=None, on_result=None):
+        results = []
+        for index, spec in enumerate(specs):
+            seen.append((spec["shape"], Path(spec["checkpoint"]).name))
+            results.append(dict(_RL_OK))
+            if on_result is not None:
+                on_result(index, results[-1])
+        return results
+
+    monkeypatch.setattr(runner, "run_workers", fake_workers)
+    runner.run_cases(cases, settings, tmp_path / "out", tmp_path / "cache")
+    assert seen == [("qwen3-1.7b", "qwen3-1.7b"), ("qwen3-8b", "qwen3-8b")]
+
+
+def test_a_process_of_several_shapes_fails_only_the_rows_whose_checkpoint_was_not_built(
+    tmp_path, monkeypatch
+) -> None:
+    cases, settings = _plan(
+        "--process-per",
+        "path",
+        "--paths",
+        "unsloth",
+        "--precisions",
+        "bf16",
+        "--shapes",
+        "qwen3-1.7b,qwen3-8b",
+    )
+    built = {
+        "qwen3-1.7b": (tmp_path / "a", None),
+        "qwen3-8b": (tmp_path / "b", "checkpoint not built: disk full"),
+    }
+    monkeypatch.setattr(runner, "prepare_checkpoints", lambda *a, **k: built)
+    ran: list[str] = []
+
+    def fake_workers(specs, work, log, timeout, gpu=None, on_result=None):
+        ran.extend(spec["shape"] for spec in specs)
+        return [dict(_RL_OK) for _ in specs]
+
+    monkeypatch.setattr(runner, "run_workers", fake_workers)
+    results = runner.run_cases(cases, settings, tmp_path / "out", tmp_path / "cache")
+    assert [(r["shape"], r["status"]) for r in results] == [("qwen3-1.7b", "ok"), ("qwen3-8b", "failed")]
+    assert results[1]["error"] == "checkpoint not built: disk full"
+    assert ran == ["qwen3-1.7b"]
+
+
+def test_the_worker_refuses_a_model_that_is_not_the_rows_shape() -> None:
+    from unsloth_qwen_compat.bench.worker import check_loaded_shape
+    from unsloth_qwen_compat.bench.workload import SHAPES
+
+    eight = SHAPES["qwen3-8b"]
+    config = argparse.Namespace(hidden_size=4096, num_hidden_layers=36, intermediate_size=12288)
+    check_loaded_shape(config, eight)
+    with pytest.raises(RuntimeError, match="qwen3-1.7b .* would time another model"):
+        check_loaded_shape(config, SHAPES["qwen3-1.7b"])

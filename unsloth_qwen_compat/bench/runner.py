@@ -316,17 +316,21 @@ def run_cases(
                 on_result([done[c.id] for c in cases if c.id in done])
 
     def run_process(group: Sequence[Case], gpu: str | None) -> None:
-        directory, error = checkpoints[group[0].shape]
         if len(group) > 1:
             progress(f"one worker process runs, in turn: {', '.join(case.id for case in group)}")
         for case in group:
             progress(f"{tag(case, gpu)}: started")
         started = time.perf_counter()
-        if error is not None:
-            for case in group:
-                finish(case, {"status": "failed", "error": error}, time.perf_counter() - started, gpu)
+        # Each case loads its own shape's checkpoint: a process may run several shapes
+        # (--process-per path), and giving them all the first case's checkpoint once timed
+        # Qwen3-8B under the name qwen3-1.7b.
+        unbuilt = [case for case in group if checkpoints[case.shape][1] is not None]
+        for case in unbuilt:
+            finish(case, {"status": "failed", "error": checkpoints[case.shape][1]}, 0.0, gpu)
+        group = [case for case in group if case not in unbuilt]
+        if not group:
             return
-        specs = [case_spec(case, settings, directory) for case in group]
+        specs = [case_spec(case, settings, checkpoints[case.shape][0]) for case in group]
         if len(group) == 1:
             log = out / "logs" / f"{group[0].id}.log"
             outcome = run_worker(specs[0], _work_dir(out, gpu), log, settings.case_timeout, gpu)

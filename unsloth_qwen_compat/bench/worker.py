@@ -136,6 +136,18 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def check_loaded_shape(config: Any, shape: Any) -> None:
+    """Refuse to time a model that is not the row's shape (a row is named by its shape)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    loaded = (text.hidden_size, text.num_hidden_layers, text.intermediate_size)
+    expected = (shape.hidden_size, shape.num_hidden_layers, shape.intermediate_size)
+    if loaded != expected:
+        raise RuntimeError(
+            f"the checkpoint loaded for {shape.name} has hidden size, layers, MLP size {loaded}, "
+            f"not {expected}: the row would time another model"
+        )
+
+
 def train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -156,6 +168,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     config = loader_config(spec)
     started = time.perf_counter()
     model, tokenizer = load_base_model(config)
+    check_loaded_shape(model.config, shape)
     result["dropped_qkv_biases"] = drop_qkv_bias(model) if spec["drop_qkv_bias"] else 0
     model = attach_lora(model, config)
     model.train()  # a model left in eval mode skips gradient checkpointing
