@@ -92,7 +92,8 @@ LEGS: tuple[Leg, ...] = (
     # The drift canary: the newest tested Unsloth with the newest transformers, trl and peft
     # releases. Unsloth 2026.10.9 declares transformers<=5.17.0 and trl<=1.15.0; the legs
     # install with --no-deps, so this one runs past those caps on purpose, to see a break the
-    # day a release lands. Its verdicts were read on CPU (UNSLOTH_ALLOW_CPU=1, 2026-12-02).
+    # day a release lands. Its verdicts were read on CPU (UNSLOTH_ALLOW_CPU=1, 2026-12-02), and
+    # its whole conformance run (every case, shim and stock) is recorded (H200, 2026-12-03).
     Leg(
         name="latest",
         unsloth="2026.10.9",
@@ -101,7 +102,6 @@ LEGS: tuple[Leg, ...] = (
         trl="1.16.0",
         peft="0.21.2",
         expected_needs=("rope_scaling", "lora_target_maps", "qwen2_fused_qkv_bias"),
-        measured=False,
         moving=True,
     ),
 )
