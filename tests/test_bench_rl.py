@@ -434,66 +434,50 @@ _RL_OK = {
 }
 
 
+def _two_shapes_in_one_process(monkeypatch, built: dict) -> tuple[list[Case], Settings, list[dict]]:
+    """Stock's path at both Qwen3 shapes in one process, the checkpoints ``built`` (shape ->
+    (directory, error)), and a stand-in for the worker process that records the specs it got."""
+    cases, settings = _plan(
+        "--process-per", "path", "--paths", "unsloth", "--precisions", "bf16", "--shapes", "qwen3-1.7b,qwen3-8b"
+    )  # fmt: skip
+    monkeypatch.setattr(runner, "prepare_checkpoints", lambda *a, **k: built)
+    seen: list[dict] = []
+
+    def fake_workers(specs, work, log, timeout, gpu=None, on_result=None):
+        seen.extend(specs)
+        for index in range(len(specs)):
+            if on_result is not None:
+                on_result(index, dict(_RL_OK))
+        return [dict(_RL_OK) for _ in specs]
+
+    monkeypatch.setattr(runner, "run_workers", fake_workers)
+    return cases, settings, seen
+
+
 def test_a_process_of_several_shapes_loads_each_cases_own_checkpoint(tmp_path, monkeypatch) -> None:
     """--process-per path runs both shapes in one process: each spec names its own shape's
     checkpoint (on an H200 every row after the first loaded the first row's model)."""
-    cases, settings = _plan(
-        "--process-per",
-        "path",
-        "--paths",
-        "unsloth",
-        "--precisions",
-        "bf16",
-        "--shapes",
-        "qwen3-1.7b,qwen3-8b",
-    )
     built = {name: (tmp_path / name, None) for name in ("qwen3-1.7b", "qwen3-8b")}
-    monkeypatch.setattr(runner, "prepare_checkpoints", lambda *a, **k: built)
-    seen: list[tuple[str, str]] = []
-
-    def fake_workers(specs, work, log, timeout, gpu=None, on_result=None):
-        results = []
-        for index, spec in enumerate(specs):
-            seen.append((spec["shape"], Path(spec["checkpoint"]).name))
-            results.append(dict(_RL_OK))
-            if on_result is not None:
-                on_result(index, results[-1])
-        return results
-
-    monkeypatch.setattr(runner, "run_workers", fake_workers)
+    cases, settings, seen = _two_shapes_in_one_process(monkeypatch, built)
     runner.run_cases(cases, settings, tmp_path / "out", tmp_path / "cache")
-    assert seen == [("qwen3-1.7b", "qwen3-1.7b"), ("qwen3-8b", "qwen3-8b")]
+    assert [(spec["shape"], Path(spec["checkpoint"]).name) for spec in seen] == [
+        ("qwen3-1.7b", "qwen3-1.7b"),
+        ("qwen3-8b", "qwen3-8b"),
+    ]
 
 
 def test_a_process_of_several_shapes_fails_only_the_rows_whose_checkpoint_was_not_built(
     tmp_path, monkeypatch
 ) -> None:
-    cases, settings = _plan(
-        "--process-per",
-        "path",
-        "--paths",
-        "unsloth",
-        "--precisions",
-        "bf16",
-        "--shapes",
-        "qwen3-1.7b,qwen3-8b",
-    )
     built = {
         "qwen3-1.7b": (tmp_path / "a", None),
         "qwen3-8b": (tmp_path / "b", "checkpoint not built: disk full"),
     }
-    monkeypatch.setattr(runner, "prepare_checkpoints", lambda *a, **k: built)
-    ran: list[str] = []
-
-    def fake_workers(specs, work, log, timeout, gpu=None, on_result=None):
-        ran.extend(spec["shape"] for spec in specs)
-        return [dict(_RL_OK) for _ in specs]
-
-    monkeypatch.setattr(runner, "run_workers", fake_workers)
+    cases, settings, seen = _two_shapes_in_one_process(monkeypatch, built)
     results = runner.run_cases(cases, settings, tmp_path / "out", tmp_path / "cache")
     assert [(r["shape"], r["status"]) for r in results] == [("qwen3-1.7b", "ok"), ("qwen3-8b", "failed")]
     assert results[1]["error"] == "checkpoint not built: disk full"
-    assert ran == ["qwen3-1.7b"]
+    assert [spec["shape"] for spec in seen] == ["qwen3-1.7b"]
 
 
 def test_the_worker_refuses_a_model_that_is_not_the_rows_shape() -> None:
