@@ -129,15 +129,13 @@ def summary_rows(legs: dict[str, list[Run]]) -> list[str]:
         for run in runs:
             if run.kind == "mutation":
                 continue
-            counts = dict(run.data.get("counts", {}))
+            counts = raw_reports.ended_counts(run.data)
             main = [counts.pop(key, 0) for key in ("pass", "refused")]
             failed = counts.pop("fail", 0)
-            counts.pop("null", None), counts.pop(None, None)  # no result: counted as not ended
             other = ", ".join(
                 f"{n} {result}" for result, n in sorted(counts.items(), key=lambda kv: str(kv[0]))
             )
-            left = len(raw_reports.unended(run.data))
-            other = ", ".join(filter(None, [other, f"{left} not ended" if left else ""]))
+            other = ", ".join(filter(None, [other, raw_reports.not_ended(run.data)]))
             env = run.data["versions"]
             lines.append(
                 f"| {leg} | {run.label} | {extent(run)} | {main[0]} | {main[1]} | "

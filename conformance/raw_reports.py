@@ -219,17 +219,24 @@ def is_partial(report: dict[str, Any]) -> bool:
     return selection(report) != "every case"
 
 
+def ended_counts(report: dict[str, Any]) -> dict[Any, int]:
+    """The report's counts by result of the cases that ended. A case without a result (running
+    when the run stopped) is no result: :func:`not_ended` says it, with those never started."""
+    return {result: n for result, n in report.get("counts", {}).items() if result not in (None, "null")}
+
+
+def not_ended(report: dict[str, Any]) -> str:
+    """E.g. "12 not ended": how many of the selection a stopped run left ("" when none)."""
+    left = unended(report)
+    return f"{len(left)} not ended" if left else ""
+
+
 def counts(report: dict[str, Any]) -> str:
     """E.g. "87 pass, 4 refused, 0 fail": every result that occurred, and fail always."""
-    found = dict(report.get("counts", {}))
-    found.setdefault("fail", 0)
-    # A case without a result (running when the run stopped) is no result: said with those
-    # never started, as how many of the selection did not end.
-    found.pop("null", None), found.pop(None, None)
+    found = {"fail": 0, **ended_counts(report)}
     order = [r for r in RESULT_ORDER if r in found] + sorted(set(found) - set(RESULT_ORDER), key=str)
     text = ", ".join(f"{found[r]} {r}" for r in order if found[r] or r == "fail")
-    left = unended(report)
-    return text + (f", {len(left)} not ended" if left else "")
+    return ", ".join(filter(None, [text, not_ended(report)]))
 
 
 def main(argv: list[str] | None = None) -> int:
