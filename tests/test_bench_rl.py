@@ -156,7 +156,7 @@ def test_rl_rounds_take_each_paths_mean_and_say_how_far_identical_processes_diff
     )
     assert (
         "qwen3-8b qlora: shim/unsloth 1.01x over the runs' means, identical processes up to 1.12x apart"
-        in text
+        " (unsloth 2 runs, shim 2 runs finished)" in text
     )
 
     verdict = document.rl_shim_verdict
@@ -164,6 +164,12 @@ def test_rl_rounds_take_each_paths_mean_and_say_how_far_identical_processes_diff
     assert verdict([{"shim_vs_unsloth": 0.95, "process_spread": 1.08}]).startswith("not resolved")
     assert verdict([{"shim_vs_unsloth": 0.89, "process_spread": 1.08}]) == "not met"
     assert verdict([{"shim_vs_unsloth": 0.89}]) == "not met"  # one run each: no spread to weigh
+    # The spread measured on one row weighs every row of the run's step size.
+    spread_elsewhere = [{"shim_vs_unsloth": 1.3, "process_spread": 1.29}, {"shim_vs_unsloth": 0.83}]
+    assert verdict(spread_elsewhere) == (
+        "not resolved: every shortfall is less than identical processes read apart (up to 1.29x)"
+    )
+    assert verdict([{"shim_vs_unsloth": 1.3, "process_spread": 1.29}, {"shim_vs_unsloth": 0.7}]) == "not met"
 
 
 def test_dry_run_says_how_many_processes(capsys: pytest.CaptureFixture[str]) -> None:

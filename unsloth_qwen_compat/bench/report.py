@@ -349,6 +349,12 @@ def _process_spread(results: Sequence[Mapping[str, Any]], shape: str, precision:
     return max(spreads, default=None)
 
 
+def _runs_finished(results: Sequence[Mapping[str, Any]], shape: str, precision: str) -> str:
+    """``unsloth 1 run, shim 2 runs finished``: a budget can stop a rounds plan short."""
+    counts = {path: len(_ok_runs(results, shape, precision, path)) for path in ("unsloth", "shim")}
+    return ", ".join(f"{path} {n} run{'s' * (n != 1)}" for path, n in counts.items()) + " finished"
+
+
 def summarize_rl(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add each slice's share of the step, the largest slice, and step-speed ratios to the
     ``hf`` and ``unsloth`` rows of the same shape and precision (their step time over this
@@ -486,7 +492,8 @@ def _rl_markdown(rows: Sequence[Mapping[str, Any]], settings: Settings) -> list[
             "Rounds (stock and the shim alternating, one process per path and round): "
             + "; ".join(
                 f"{r['shape']} {r['precision']}: shim/unsloth {r['shim_vs_unsloth']:.2f}x over the runs' "
-                f"means, identical processes up to {r['process_spread']:.2f}x apart"
+                f"means, identical processes up to {r['process_spread']:.2f}x apart "
+                f"({_runs_finished(rows, r['shape'], r['precision'])})"
                 for r in rounds
             ),
         ]
