@@ -104,6 +104,42 @@ def test_allow_cpu_revert_puts_back_the_same_objects() -> None:
 
 
 @requires_unsloth
+def test_on_leg_2026_10_the_shim_replaces_only_functions_called_before_a_step() -> None:
+    """BENCHMARKS.md's RL verdict rests on this: on Qwen3 the shim runs no code inside a
+    training or generation step, so stock's and the shim's step times differ only as two
+    processes do. A patch that starts replacing something a step calls fails here."""
+    code = """
+        import json
+        import unsloth
+        import unsloth_qwen_compat as m
+        shim = m.shim()
+        print(json.dumps({"unsloth": unsloth.__version__, "changed": sorted(
+            [name, getattr(owner, "__qualname__", getattr(owner, "__name__", "")), attribute]
+            for name in shim.applied() for owner, attribute in shim.changed_targets(name))}))
+    """
+    done = run_python(code, env={"UNSLOTH_ALLOW_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if out["unsloth"] != "2026.10.9":
+        pytest.skip("the list below is leg 2026.10's (the CI pin)")
+    changed = {tuple(target) for target in out["changed"]}
+    assert changed == {
+        # Only FastLlamaModel.from_pretrained calls it, while loading.
+        ("rope_scaling", "unsloth.models.llama", "_extended_rope_scaling"),
+        ("rope_scaling", "FastLlamaModel", "from_pretrained"),
+        # Adding the adapter.
+        ("lora_target_maps", "FastLlamaModel", "get_peft_model"),
+        ("lora_target_maps", "FastBaseModel", "get_peft_model"),
+        # Called by get_peft_model and by from_pretrained of an adapter; it sets a per-layer
+        # apply_qkv only on layers whose q/k/v carry biases (Qwen2), none on Qwen3.
+        ("qwen2_fused_qkv_bias", "FastLlamaModel", "patch_peft_model"),
+        # Unsloth calls these two only while wrapping a model for FSDP.
+        ("qwen2_fused_qkv_bias", "unsloth.models.llama", "_fused_lora_modules"),
+        ("qwen2_fused_qkv_bias", "unsloth.models.llama", "_decline_fused_lora_for_fsdp"),
+    }
+
+
+@requires_unsloth
 def test_disable_variable_turns_every_patch_off() -> None:
     status = child_status(env={"UNSLOTH_QWEN_COMPAT_DISABLE": "1", "UNSLOTH_ALLOW_CPU": "1"})
     assert set(_verdicts(status)) == set(PATCH_SLOTS)
