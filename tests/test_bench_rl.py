@@ -495,3 +495,19 @@ def test_the_worker_refuses_a_model_that_is_not_the_rows_shape() -> None:
     check_loaded_shape(config, eight)
     with pytest.raises(RuntimeError, match="qwen3-1.7b .* would time another model"):
         check_loaded_shape(config, SHAPES["qwen3-1.7b"])
+
+
+def test_rl_summary_lists_each_reports_ratio_and_weighs_them_against_the_measured_spread() -> None:
+    def rows_of(report_name: str, *results: dict) -> list[dict]:
+        return [{**row, "report": report_name} for row in report.summarize_rl(list(results))]
+
+    def run(path: str, step: float, number: int = 1) -> dict:
+        return {**_rl_result(path, step, 0.7 * step), "run": number}
+
+    rounds = rows_of("a.json", run("unsloth", 5.0), run("shim", 4.0), run("shim", 5.2, 2))
+    single = rows_of("b.json", run("unsloth", 4.0), run("shim", 4.6))
+    (line,) = document.rl_summary(rounds + single)
+    assert "qwen3-8b qlora 1.09x (identical processes up to 1.30x apart), 0.87x;" in line
+    assert "not resolved: every shortfall is less than identical processes read apart (up to 1.30x)" in line
+    (alone,) = document.rl_summary(single)
+    assert "qwen3-8b qlora 0.87x; target >= 0.99: not met" in alone

@@ -95,6 +95,8 @@ def load_runs(benchmarks: Path) -> list[Run]:
                 continue
             data = json.loads(path.read_text())
             rows = summarize(data["kind"], data["cases"], settings_of(data))
+            for row in rows:
+                row["report"] = path.name  # a row measured in several reports: one entry each
             shown = [row for row in rows if measurement(data["kind"], row) not in newer]
             hidden = [row for row in rows if measurement(data["kind"], row) in newer]
             reports.append(Report(path, data, shown, hidden))
@@ -232,9 +234,15 @@ def rl_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"stock Unsloth steps at {' and '.join(spans)} HF + PEFT's speed "
                 f"({_names(row['shape'] for row in stock)})"
             )
-        # One ratio per row and report: with rounds every shim run carries its row's, so its
-        # first run stands for them; a row measured in several runs lists each.
-        shim = [row for row in group if "shim_vs_unsloth" in row and row.get("run", 1) == 1]
+        # One ratio per row and report (with rounds every shim run carries its row's); a row
+        # measured in several reports lists each.
+        shim = list(
+            {
+                (row.get("report"), row["shape"], row["precision"]): row
+                for row in group
+                if "shim_vs_unsloth" in row
+            }.values()
+        )
         if shim:
             ratios = [row["shim_vs_unsloth"] for row in shim]
             each = "; ".join(
