@@ -217,6 +217,14 @@ def rl_shim_verdict(rows: Sequence[Mapping[str, Any]]) -> str:
     return "not met"
 
 
+def _shim_ratio_text(row: Mapping[str, Any]) -> str:
+    """``0.94x (identical processes up to 1.08x apart)``: one run's shim/stock ratio."""
+    spread = row.get("process_spread")
+    return f"{row['shim_vs_unsloth']:.2f}x" + (
+        f" (identical processes up to {spread:.2f}x apart)" if spread else ""
+    )
+
+
 def rl_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """One bullet per RL step size: stock vs HF, the shim vs stock (step time), and the slice
     that takes most of the step on each row's fastest path."""
@@ -248,14 +256,7 @@ def rl_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             each = "; ".join(
                 f"{shape} {precision} "
                 + ", ".join(
-                    f"{row['shim_vs_unsloth']:.2f}x"
-                    + (
-                        f" (identical processes up to {row['process_spread']:.2f}x apart)"
-                        if row.get("process_spread")
-                        else ""
-                    )
-                    for row in shim
-                    if (row["shape"], row["precision"]) == (shape, precision)
+                    _shim_ratio_text(r) for r in shim if (r["shape"], r["precision"]) == (shape, precision)
                 )
                 for shape, precision in dict.fromkeys((row["shape"], row["precision"]) for row in shim)
             )
