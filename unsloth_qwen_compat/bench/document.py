@@ -244,21 +244,16 @@ def rl_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             )
         # One ratio per row and report (with rounds every shim run carries its row's); a row
         # measured in several reports lists each.
-        shim = list(
-            {
-                (row.get("report"), row["shape"], row["precision"]): row
-                for row in group
-                if "shim_vs_unsloth" in row
-            }.values()
-        )
+        per_row: dict[tuple[str, str], dict[Any, Mapping[str, Any]]] = {}
+        for row in group:
+            if "shim_vs_unsloth" in row:
+                per_row.setdefault((row["shape"], row["precision"]), {})[row.get("report")] = row
+        shim = [row for runs in per_row.values() for row in runs.values()]
         if shim:
             ratios = [row["shim_vs_unsloth"] for row in shim]
             each = "; ".join(
-                f"{shape} {precision} "
-                + ", ".join(
-                    _shim_ratio_text(r) for r in shim if (r["shape"], r["precision"]) == (shape, precision)
-                )
-                for shape, precision in dict.fromkeys((row["shape"], row["precision"]) for row in shim)
+                f"{shape} {precision} " + ", ".join(map(_shim_ratio_text, runs.values()))
+                for (shape, precision), runs in per_row.items()
             )
             parts.append(
                 f"the shim at {_span(ratios)} stock Unsloth's step speed ({each}; target >= "
