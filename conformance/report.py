@@ -121,6 +121,11 @@ class ConformanceReport:
             },
         )
         row["seconds"] += report.duration
+        # Which pytest-xdist worker ran it (none without xdist): with ``started_s`` (summary),
+        # each worker's timeline, where a slow leg's idle and setup seconds show.
+        worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+        if worker:
+            row["worker"] = worker
         metrics = [value for key, value in report.user_properties if key == PROPERTY]
         if metrics:
             row["metrics"] = metrics
@@ -151,7 +156,9 @@ class ConformanceReport:
         # fp32 bounds, and this is where that shows.
         self.header["versions"]["tf32_matmul_at_end"] = bool(torch.backends.cuda.matmul.allow_tf32)
         counts: dict[str, int] = {}
-        for row in self.rows.values():
+        for nodeid, row in self.rows.items():
+            if nodeid in self.case_started:  # seconds into the run when it started
+                row["started_s"] = round(self.case_started[nodeid] - self.started, 1)
             counts[row["result"]] = counts.get(row["result"], 0) + 1
         data = {
             **self.header,
@@ -184,6 +191,9 @@ class ConformanceReport:
         split = time_split(data["cases"])
         if split:
             data["time_split"] = split
+        spans = worker_timeline(data["cases"])
+        if spans:
+            data["workers"] = spans
         if self.warm_dir is not None:
             from conformance import warm_kernels
 
@@ -259,11 +269,37 @@ def time_split(cases: list[dict]) -> dict | None:
     return split
 
 
+def worker_timeline(cases: list[dict]) -> dict | None:
+    """Each pytest-xdist worker's span, in seconds into the run: when its first case started
+    (the session's setup delays it), when its last one ended, and how many it ran. The spread of
+    the ends is the leg's tail: a leg whose workers end far apart waits on its slowest one. None
+    for a run without workers (or a report from before they were recorded)."""
+    spans: dict[str, dict] = {}
+    for case in cases:
+        worker, started = case.get("worker"), case.get("started_s")
+        if worker is None or started is None:
+            continue
+        span = spans.setdefault(worker, {"first_started_s": started, "ended_s": 0.0, "cases": 0})
+        span["first_started_s"] = min(span["first_started_s"], started)
+        span["ended_s"] = round(max(span["ended_s"], started + (case.get("seconds") or 0.0)), 1)
+        span["cases"] += 1
+    return dict(sorted(spans.items(), key=lambda item: int(item[0].lstrip("gw") or 0))) or None
+
+
 def time_split_lines(data: dict) -> list[str]:
+    lines = []
+    spans = data.get("workers")
+    if spans:
+        firsts = [span["first_started_s"] for span in spans.values()]
+        ends = [span["ended_s"] for span in spans.values()]
+        lines.append(
+            f"{len(spans)} workers: first cases started {min(firsts):g}-{max(firsts):g} s into the run, "
+            f"last cases ended {min(ends):g}-{max(ends):g} s"
+        )
     split = data.get("time_split")
     if not split:
-        return []
-    return [
+        return lines
+    return lines + [
         "case seconds {case_s}: references computed {oracle_compute_s}, waited for {oracle_wait_s}, "
         "loaded {oracle_load_s}; kernel warm-ups waited for {warm_wait_s}; session setup: zoo "
         "{setup_zoo_s} (slowest worker {setup_zoo_max_s}), up-front references {setup_oracle_up_front_s} "

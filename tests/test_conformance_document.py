@@ -466,3 +466,44 @@ def test_a_report_says_where_the_cases_seconds_went() -> None:
     page = report.markdown({**run.summary(), **_report_header()})
     assert "- case seconds 125.0: references computed 1.5" in page
     assert report.time_split([{"seconds": 1.0}]) is None  # a report from before timings
+
+
+def test_a_report_gives_each_workers_span() -> None:
+    """Under pytest-xdist each case records its worker and when it started: the report gives each
+    worker's first start and last end, so a slow leg shows its setup delay and its tail."""
+    from types import SimpleNamespace
+
+    from conformance import report
+
+    run = report.ConformanceReport(config=None, header={"versions": {}})
+    for nodeid, worker, seconds, started_ago in [
+        ("t::a", "gw0", 10.0, 100.0),
+        ("t::b", "gw0", 20.0, 80.0),
+        ("t::c", "gw1", 5.0, 60.0),
+        ("t::d", None, 1.0, 50.0),  # without xdist: no worker, left out of the spans
+    ]:
+        run.pytest_runtest_logstart(nodeid, None)
+        run.case_started[nodeid] = run.started + 100.0 - started_ago
+        node = SimpleNamespace(gateway=SimpleNamespace(id=worker)) if worker else None
+        run.pytest_runtest_logreport(
+            SimpleNamespace(
+                nodeid=nodeid,
+                duration=seconds,
+                when="call",
+                outcome="passed",
+                skipped=False,
+                failed=False,
+                longrepr=None,
+                user_properties=[],
+                node=node,
+            )
+        )
+    data = run.summary()
+    assert data["workers"] == {
+        "gw0": {"first_started_s": 0.0, "ended_s": 40.0, "cases": 2},
+        "gw1": {"first_started_s": 40.0, "ended_s": 45.0, "cases": 1},
+    }
+    assert {case["nodeid"]: case.get("worker") for case in data["cases"]}["t::d"] is None
+    line = report.time_split_lines(data)[0]
+    assert line == "2 workers: first cases started 0-40 s into the run, last cases ended 40-45 s"
+    assert report.worker_timeline([{"seconds": 1.0}]) is None  # a report from before workers
