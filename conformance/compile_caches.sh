@@ -38,13 +38,13 @@ if [[ $command == pack ]]; then
     fi
   done
   [[ -n $(ls "$stage") ]] || { echo "no compile cache found" >&2; exit 1; }
-  # The warm-ups' name for a copy of the Triton cache (warm_kernels.cache_identity) stays
-  # with that copy: an unpacked one is another copy.
+  # The kernel warm-ups' markers (warm_kernels.cache_markers) are inside the caches: they travel
+  # with the kernels they describe, and a session that finds them all starts no warm-up.
   if [[ -n ${3:-} ]]; then
-    tar --exclude='.unsloth-qwen-compat-cache-id*' -chC "$stage" . | xz -T0 -6 | split -b "${3}M" - "$archive.part-"
+    tar -chC "$stage" . | xz -T0 -6 | split -b "${3}M" - "$archive.part-"
     ls -l "$archive".part-*
   else
-    tar --exclude='.unsloth-qwen-compat-cache-id*' -chC "$stage" . | xz -T0 -6 >"$archive"
+    tar -chC "$stage" . | xz -T0 -6 >"$archive"
     ls -l "$archive"
   fi
 else

@@ -142,6 +142,9 @@ def pytest_configure(config) -> None:
         config._conformance_warm_dir = zoo.cache_root() / "warm" / f"{os.getpid()}-{int(time.time())}"
         os.environ[warm_kernels.DIR_ENV] = str(config._conformance_warm_dir)
         config._conformance_report.warm_dir = config._conformance_warm_dir
+        # Decided once, here, and handed to the workers (pytest_configure_node): every worker must
+        # collect the same order, and a warm-up may mark the caches while they collect.
+        config._conformance_kernels_warm = warm_kernels.all_warm(settings.dtype)
     config.pluginmanager.register(config._conformance_report, "conformance-report")
     # Everything imported so far (torch, transformers, Unsloth's patched modules: ~620k objects)
     # lives as long as the process. Frozen, the garbage collector stops walking it: Unsloth's
@@ -154,6 +157,20 @@ def pytest_configure(config) -> None:
 def _xdist_controller(config) -> bool:
     workers = getattr(config.option, "numprocesses", None)
     return bool(workers) and workers != "0" and not hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """The controller tells each worker whether the hybrid kernels' warm-ups are all in the
+    compile caches already (the cases' order: warm_kernels.collection_rank)."""
+    node.workerinput["conformance_kernels_warm"] = getattr(node.config, "_conformance_kernels_warm", False)
+
+
+def _kernels_warm(config) -> bool:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return bool(workerinput.get("conformance_kernels_warm", False))
+    return getattr(config, "_conformance_kernels_warm", False)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -205,10 +222,12 @@ def pytest_collection_modifyitems(config, items) -> None:
             zoo_names.add(spec.name)
     config._conformance_needed = needed
     config._conformance_zoo_names = zoo_names
-    # The hybrid models' cases last, those that wait for the slowest warm-up last of all (a
-    # stable sort: the order is the same in every worker, as pytest-xdist requires): by the time
-    # the workers reach them, the kernel warm-ups (warm_kernels.py) have compiled what they need.
-    items.sort(key=lambda item: warm_kernels.collection_rank(item.nodeid))
+    # Longest first; while the hybrid kernels are not warm yet, the hybrid models' cases last,
+    # those that wait for the slowest warm-up last of all (a stable sort: the order is the same
+    # in every worker, as pytest-xdist requires): by the time the workers reach them, the kernel
+    # warm-ups (warm_kernels.py) have compiled what they need.
+    warm = _kernels_warm(config)
+    items.sort(key=lambda item: warm_kernels.collection_rank(item.nodeid, warm))
 
 
 @pytest.hookimpl(trylast=True)  # after the modules' own parametrize: ids end in the entry point

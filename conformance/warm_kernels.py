@@ -21,8 +21,17 @@ needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds
 only fills caches: a case computes the same with or without it, and a warm-up that fails or is
 late costs time, never a result. Warm-ups of one lane take turns on a machine (a lock per
 lane): runs side by side, as the retire proof's, compile each kernel once between them, and a
-case of a run whose turn has not come goes on once another run has warmed its model (a marker
-per machine, kind, model, unsloth_zoo and copy of the Triton cache: :func:`machine_marker`).
+case of a run whose turn has not come goes on once another run has warmed its model.
+
+A warm-up that ends leaves a marker per kind and model inside the compile caches it filled
+(Triton's and Inductor's: :func:`cache_markers`), keyed by unsloth_zoo, torch, Triton and the
+GPU. A later session whose caches hold every marker a lane needs starts no process for it, and
+with every warm-up of the leg marked, the cases go longest first (:func:`collection_rank`): a
+second run on a machine, or one whose caches were carried in (conformance/compile_caches.sh,
+which packs the markers with the kernels they describe). On an H200 the nine warm-ups took
+108-130 s each, twelve workers beside them, with both caches carried in and warm. A marker
+lives and goes with its cache's contents: a cache deleted, or unpacked from an older pack,
+takes its markers (or their absence) with it.
 
     python -m conformance.warm_kernels --dir DIR --kind fp32-lora --models qwen3_5-plain,...
 """
@@ -30,6 +39,7 @@ per machine, kind, model, unsloth_zoo and copy of the Triton cache: :func:`machi
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -78,17 +88,48 @@ def needs(nodeid: str, dtype: str) -> list[str]:
     return [kind.format(dtype=dtype) for kind in NEEDS.get(test, ("{dtype}",))]
 
 
-def collection_rank(nodeid: str) -> tuple[int, int]:
-    """Where a case goes in the collection, which pytest-xdist hands out in order, two cases a
-    worker at first: non-hybrid cases first, then the hybrid ones by what they wait for (none,
-    the forward kernels, NF4, the LoRA backward: the slowest warm-up last), each by model in the
-    order the warm-ups go. A worker that starts on a case whose warm-up is far off holds the
-    cases behind it: on an H200, with the LoRA cases first, three runs ended no case in 445 s."""
+#: Seconds a case took on one NVIDIA H200 (leg 2026.10, fp32, 12 workers, compile caches warm,
+#: 2026-12-04; medians by test, a worker's first case left out), not counting references: the
+#: non-hybrid and the hybrid models' (Qwen3.5, Qwen3.5-MoE, Qwen3-Next). The hybrid LoRA and
+#: adapter cases had not ended when that run stopped (13-43 s in): the figure is a floor.
+#: Only the order is used (longest first); another machine's seconds differ, not the order much.
+EXPECTED_SECONDS = {
+    "test_lora_gradients": (13.1, 30.0),
+    "test_adapter_save_reload": (11.2, 30.0),
+    "test_fused_qkv_vs_peft_path": (15.7, 15.7),
+    "test_fused_qkv_vs_hf_reduced": (16.6, 16.6),
+    "test_teacher_forced_decode": (7.0, 9.2),
+    "test_greedy_generate": (5.5, 9.4),
+    "test_nf4_logits": (6.6, 10.5),
+    "test_forward_logits": (2.0, 8.1),
+    "test_rope_past_original_window": (3.0, 7.7),
+    "test_chat_template": (2.4, 5.6),
+    "test_fast_path_taken": (4.4, 4.4),
+    "test_fused_qkv_vs_hf": (4.2, 4.2),
+    "test_lora_target_typo_is_rejected": (2.8, 4.2),
+}
+
+
+def expected_seconds(nodeid: str) -> float:
+    test = nodeid.split("::")[-1].split("[")[0]
+    plain, hybrid = EXPECTED_SECONDS.get(test, (5.0, 5.0))
+    return hybrid if hybrid_models([nodeid]) else plain
+
+
+def collection_rank(nodeid: str, kernels_warm: bool = False) -> tuple:
+    """Where a case goes in the collection, which pytest-xdist hands out in order (after the
+    xdist groups, largest first), two cases a worker at first: longest first, so the leg does
+    not end on one worker's long case (:data:`EXPECTED_SECONDS`). While the hybrid models'
+    kernels are not yet warm (``kernels_warm`` False), the hybrid cases go after the rest, by
+    what they wait for (none, the forward kernels, NF4, the LoRA backward: the slowest warm-up
+    last), each by model in the order the warm-ups go. A worker that starts on a case whose
+    warm-up is far off holds the cases behind it: on an H200, with the LoRA cases first, three
+    runs ended no case in 445 s."""
     from conformance import zoo
 
     models = hybrid_models([nodeid])
-    if not models:
-        return (0, 0)
+    if not models or kernels_warm:
+        return (0, -expected_seconds(nodeid))
     kinds = needs(nodeid, "{dtype}")
     wait = 4 if any(kind.endswith(LORA) for kind in kinds) else 3 if NF4 in kinds else 2 if kinds else 1
     names = [spec.name for spec in zoo.ZOO if spec.hybrid]
@@ -125,7 +166,13 @@ def start(directory: Path, nodeids: list[str], dtype: str) -> list[subprocess.Po
         lanes: dict[str, list[str]] = {}
         for name in names:
             lanes.setdefault(lane(kind, name), []).append(name)
-        for name_of_lane, models in lanes.items():
+        for name_of_lane, lane_models in lanes.items():
+            models = [name for name in lane_models if not warm_in_cache(kind, name)]
+            if not models:  # the caches hold it all: no process, nothing to wait for
+                (directory / f"{name_of_lane}.skipped").write_text(
+                    json.dumps({"kind": kind, "models": lane_models}), encoding="utf-8"
+                )
+                continue
             log = open(directory / f"{name_of_lane}.log", "w", encoding="utf-8")  # noqa: SIM115 - the child's
             process = subprocess.Popen(
                 [
@@ -192,7 +239,7 @@ def _pending(directory: Path, kind: str, model: str) -> bool:
     warmed = (
         (directory / f"{name_of_lane}.done").exists()
         or (directory / f"{kind}.{model}.ok").exists()
-        or machine_marker(kind, model).exists()
+        or warm_in_cache(kind, model)  # another run's warm-up, or an earlier session's
     )
     return not warmed and _alive(pid)
 
@@ -232,6 +279,15 @@ def state(directory: Path) -> dict[str, dict]:
             except OSError:
                 pass
         found[name_of_lane] = entry
+    for skipped in sorted(Path(directory).glob("*.skipped")):
+        try:
+            models = json.loads(skipped.read_text(encoding="utf-8"))["models"]
+        except (OSError, ValueError, KeyError):
+            models = []
+        found[skipped.name.removesuffix(".skipped")] = {
+            "models": [],
+            "state": f"not run: the compile caches already held it ({', '.join(models)})",
+        }
     return found
 
 
@@ -297,55 +353,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def machine_marker(kind: str, model: str) -> Path:
-    """Says that a warm-up on this machine has compiled ``model``'s kernels of ``kind`` into the
-    Triton cache this process uses, for this unsloth_zoo (whose vendored kernels they are). Runs
-    side by side take turns to warm (:func:`machine_lock`): a case of the run whose turn has not
-    come need not wait for its own warm-up to find what another run's compiled. A marker whose
-    cache was since emptied costs a case its compile, never a result."""
+#: The folder, inside each compile cache, of the warm-ups' markers.
+MARKER_FOLDER = "unsloth-qwen-compat-warm"
+
+
+def compile_cache_dirs() -> list[Path]:
+    """The caches a warm-up fills: Triton's (compiled kernels, autotune results) and Inductor's
+    (compiled graphs; Unsloth drops TORCHINDUCTOR_CACHE_DIR when imported, so usually its
+    default), as conformance/compile_caches.sh finds them."""
+    triton = os.environ.get("TRITON_CACHE_DIR") or "~/.triton/cache"
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        inductor = cache_dir()
+    except Exception:  # noqa: BLE001 - an older torch: its default place
+        import getpass
+
+        inductor = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return [Path(os.path.expanduser(triton)).absolute(), Path(inductor).absolute()]
+
+
+@functools.lru_cache(maxsize=1)
+def stack_key() -> str:
+    """What compiled kernels are good for: unsloth_zoo (whose vendored kernels they are), torch,
+    Triton, and the GPU they were compiled for."""
     from importlib import metadata
 
-    try:
-        zoo_version = metadata.version("unsloth_zoo")
-    except metadata.PackageNotFoundError:
-        zoo_version = "none"
-    cache = os.path.abspath(os.path.expanduser(os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")))
-    key = hashlib.sha256(f"{zoo_version}|{cache}|{cache_identity(cache)}".encode()).hexdigest()[:12]
-    return _machine_file(f"{kind}.{model}.{key}.ok")
+    import torch
 
-
-#: A file in the Triton cache naming this copy of it (conformance/compile_caches.sh leaves it
-#: out of its packs).
-CACHE_ID_FILE = ".unsloth-qwen-compat-cache-id"
-
-
-def cache_identity(cache: str) -> str:
-    """A name for this copy of the Triton cache, made on first use. The path alone was not
-    enough: on an H200 the cache folder was deleted and unpacked again from an older pack
-    between two runs, the machine's markers still said its models were warm, no warm-up ran,
-    and each hybrid case compiled the kernels itself, seven side by side (about 240 s a case
-    instead of 1-19 s in leg 2026.10's report)."""
-    path = Path(cache) / CACHE_ID_FILE
-    if not path.is_file():
-        import uuid
-
-        draft = path.with_name(f"{CACHE_ID_FILE}.{os.getpid()}")
+    parts = []
+    for package in ("unsloth_zoo", "torch", "triton"):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            draft.write_text(uuid.uuid4().hex, encoding="utf-8")
-            # A link appears whole and only once: the first process's name wins, and no
-            # process reads a name another is still writing.
-            os.link(draft, path)
-        except FileExistsError:
-            pass
-        except OSError:
-            return "unnamed"  # a read-only cache: the path is all there is to go on
-        finally:
-            draft.unlink(missing_ok=True)
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError:
-        return "unnamed"
+            parts.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package}=none")
+    parts.append(torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def cache_markers(kind: str, model: str) -> list[Path]:
+    """Where a warm-up of ``kind`` says it compiled ``model``'s kernels: one file in each cache it
+    filled, so the marker is packed, unpacked and deleted with the kernels it describes."""
+    return [folder / MARKER_FOLDER / f"{kind}.{model}.{stack_key()}.ok" for folder in compile_cache_dirs()]
+
+
+def warm_in_cache(kind: str, model: str) -> bool:
+    """Whether the caches this process uses already hold ``model``'s kernels of ``kind`` (a marker
+    in each). A marker whose kernels were since removed costs a case its compile, never a result."""
+    return all(marker.is_file() for marker in cache_markers(kind, model))
+
+
+def all_warm(dtype: str) -> bool:
+    """Whether every warm-up a whole leg in ``dtype`` needs is in the caches already."""
+    from conformance import zoo
+
+    models = [spec.name for spec in zoo.ZOO if spec.hybrid and zoo.transformers_builds(spec)]
+    return all(warm_in_cache(kind, model) for kind in (dtype, dtype + LORA, NF4) for model in models)
+
+
+def _mark_warm(kind: str, model: str, result: dict) -> None:
+    for marker in cache_markers(kind, model):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(result), encoding="utf-8")
 
 
 def machine_lock(kind: str) -> Path:
@@ -370,7 +439,7 @@ def _warm_all(names: list[str], args, results: list[dict]) -> None:
         print(json.dumps(results[-1]), flush=True)
         (args.dir / f"{args.kind}.{name}.ok").write_text(json.dumps(results[-1]), encoding="utf-8")
         if "error" not in results[-1]:
-            machine_marker(args.kind, name).write_text(json.dumps(results[-1]), encoding="utf-8")
+            _mark_warm(args.kind, name, results[-1])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def test_pack_then_unpack_restores_every_cache(tmp_path: Path, part_mb) -> None:
     (before / "triton" / "ab" / "kernel.cubin").write_bytes(os.urandom(3 << 19))  # 1.5 MiB: 2 parts
     (before / "mega" / "bundle").mkdir(parents=True)
     (before / "mega" / "bundle" / "a.bin").write_text("mega")
-    (before / "triton" / ".unsloth-qwen-compat-cache-id").write_text("the packed copy")
+    (before / "triton" / "unsloth-qwen-compat-warm").mkdir()
+    (before / "triton" / "unsloth-qwen-compat-warm" / "fp32.qwen3_5-plain.abc.ok").write_text("{}")
     archive = tmp_path / "caches.txz"
     pack = ["bash", str(SCRIPT), "pack", str(archive), *([part_mb] if part_mb else [])]
     done = subprocess.run(pack, env=_env(before), capture_output=True, text=True)
@@ -43,8 +44,8 @@ def test_pack_then_unpack_restores_every_cache(tmp_path: Path, part_mb) -> None:
         before / "triton" / "ab" / "kernel.cubin"
     ).read_bytes()
     assert (after / "mega" / "bundle" / "a.bin").read_text() == "mega"
-    # An unpacked cache is another copy: the warm-ups' markers of the packed one do not hold.
-    assert not (after / "triton" / ".unsloth-qwen-compat-cache-id").exists()
+    # The warm-ups' markers travel with the kernels they describe.
+    assert (after / "triton" / "unsloth-qwen-compat-warm" / "fp32.qwen3_5-plain.abc.ok").read_text() == "{}"
 
 
 def test_a_wrong_call_says_how_to_call_it(tmp_path: Path) -> None:

@@ -22,11 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _a_machine_of_its_own(tmp_path_factory, monkeypatch) -> None:
-    """The machine-wide locks and markers (in the temporary folder) of this test alone: a real
-    run's markers on this machine would end its waits early."""
+    """The machine-wide locks (in the temporary folder) and the compile caches that hold the
+    warm-ups' markers, of this test alone: a real run's markers on this machine would end its
+    waits early."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("machine")))
+    caches = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(caches / "triton"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(caches / "inductor"))
 
 
 IDS = [
@@ -145,7 +149,7 @@ def test_hybrid_cases_are_ranked_by_the_warm_up_they_wait_for() -> None:
     waits for the slowest warm-up and holds the cases behind it, so those come last."""
     rank = warm_kernels.collection_rank
     case = "conformance/{}::{}[{}-FastModel]".format
-    assert rank(case("test_forward.py", "test_forward_logits", "qwen2-plain")) == (0, 0)
+    assert rank(case("test_forward.py", "test_forward_logits", "qwen2-plain"))[0] == 0
     order = [
         case("test_chat_template.py", "test_chat_template", "qwen3_next-plain"),
         case("test_forward.py", "test_forward_logits", "qwen3_5-plain"),
@@ -210,12 +214,7 @@ def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model
     tmp_path: Path, monkeypatch
 ) -> None:
     """Runs side by side take turns to warm a kind: the run whose turn has not come finds the
-    kernels another run compiled into the shared cache (the machine-wide marker) and goes on."""
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "machine"))
-    (tmp_path / "machine").mkdir()
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    kernels another run compiled into the shared caches (their markers) and goes on."""
     session = tmp_path / "session"
     session.mkdir()
     monkeypatch.setenv(warm_kernels.DIR_ENV, str(session))
@@ -224,37 +223,104 @@ def test_a_case_need_not_wait_for_its_own_turn_once_another_run_warmed_its_model
         for name_of_lane in ("fp32@qwen3_5", "fp32@qwen3_next"):
             (session / f"{name_of_lane}.pending").write_text(str(waiting_for_turn.pid))
         assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
-        warm_kernels.machine_marker("fp32", "qwen3_5-plain").write_text("{}")
+        warm_kernels._mark_warm("fp32", "qwen3_5-plain", {})
         assert not warm_kernels._pending(session, "fp32", "qwen3_5-plain")
         assert warm_kernels._pending(session, "fp32", "qwen3_next-plain")  # another model still waits
-        # Another Triton cache is another set of kernels: its marker does not count.
+        # Other caches are other kernels: their markers do not count.
         monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "other-triton"))
         assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
-        # Nor does the same folder deleted and filled again (on an H200, unpacked from an older
-        # pack between two runs: the marker said warm, and every case compiled for itself).
-        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-        assert not warm_kernels._pending(session, "fp32", "qwen3_5-plain")
-        shutil.rmtree(tmp_path / "triton")
-        assert warm_kernels._pending(session, "fp32", "qwen3_5-plain")
-        name = warm_kernels.cache_identity(str(tmp_path / "triton"))
-        assert len(name) == 32 and name == warm_kernels.cache_identity(str(tmp_path / "triton"))
-        assert [f.name for f in (tmp_path / "triton").iterdir()] == [warm_kernels.CACHE_ID_FILE]
     finally:
         waiting_for_turn.kill()
 
 
-def test_a_warm_up_marks_each_model_it_warmed_for_the_machine(tmp_path: Path, monkeypatch) -> None:
-    import tempfile
+def test_the_markers_live_and_go_with_both_caches(tmp_path: Path, monkeypatch) -> None:
+    """A marker in each cache the warm-up filled: deleting either cache (on an H200 the Triton
+    cache was deleted and unpacked again from an older pack between two runs, markers kept
+    elsewhere still said warm, and every case compiled for itself, about 240 s a case) takes
+    the warm state with it; unpacking a pack that holds them brings it back."""
+    warm_kernels._mark_warm("nf4", "qwen3_next-yarn", {"seconds": 3.0})
+    markers = warm_kernels.cache_markers("nf4", "qwen3_next-yarn")
+    assert [m.parent.parent for m in markers] == [
+        Path(os.environ["TRITON_CACHE_DIR"]),
+        Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]),
+    ]
+    assert warm_kernels.warm_in_cache("nf4", "qwen3_next-yarn")
+    assert not warm_kernels.warm_in_cache("fp32", "qwen3_next-yarn")  # another kind
+    shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # /tmp cleared, Triton's cache kept
+    assert not warm_kernels.warm_in_cache("nf4", "qwen3_next-yarn")
+    # Keyed by what compiled kernels are good for: another torch is another key.
+    key = warm_kernels.stack_key()
+    monkeypatch.setattr(warm_kernels, "stack_key", lambda: "another-stack")
+    assert key not in warm_kernels.cache_markers("nf4", "qwen3_next-yarn")[0].name
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+def test_warm_ups_the_caches_hold_are_not_started(tmp_path: Path, monkeypatch) -> None:
+    """A session whose caches hold a lane's every model starts no process for it (the report
+    says so), and starts the rest with only the models still cold."""
+    started = []
+
+    class Child:
+        pid = 4242
+
+        def __init__(self, command, **kwargs):
+            started.append(command)
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr("conformance.zoo.transformers_builds", lambda spec: True)
+    ids = [*IDS, "conformance/test_forward.py::test_forward_logits[qwen3_5_moe-yarn-FastModel]"]
+    for model in ("qwen3_5_moe-plain", "qwen3_5_moe-yarn"):
+        warm_kernels._mark_warm("fp32", model, {})
+    warm_kernels._mark_warm("nf4", "qwen3_next-yarn", {})
+    warm_kernels.start(tmp_path / "warm", ids, "fp32")
+    assert [(c[c.index("--kind") + 1], c[c.index("--models") + 1]) for c in started] == [
+        ("fp32", "qwen3_next-yarn"),
+        ("nf4", "qwen3_5_moe-plain,qwen3_5_moe-yarn"),
+    ]
+    state = warm_kernels.state(tmp_path / "warm")
+    assert state["fp32@qwen3_5_moe"]["state"] == (
+        "not run: the compile caches already held it (qwen3_5_moe-plain, qwen3_5_moe-yarn)"
+    )
+    assert state["nf4@qwen3_next"]["state"].startswith("not run")
+    monkeypatch.setenv(warm_kernels.DIR_ENV, str(tmp_path / "warm"))
+    assert warm_kernels.wait(["fp32"], "qwen3_5_moe-yarn", lambda line: pytest.fail(line)) < 1.0
+
+
+def test_with_every_warm_up_in_the_caches_the_longest_cases_go_first(monkeypatch) -> None:
+    """Nothing to wait for: the cases go longest first (the hybrid LoRA cases among the first),
+    so the leg does not end on one worker's long case; until then, the hybrid ones last."""
+    monkeypatch.setattr("conformance.zoo.transformers_builds", lambda spec: True)
+    case = "conformance/{}::{}[{}-FastModel]".format
+    lora = case("test_lora.py", "test_lora_gradients", "qwen3_5-plain")
+    forward = case("test_forward.py", "test_forward_logits", "qwen2-plain")
+    chat = case("test_chat_template.py", "test_chat_template", "qwen3_next-plain")
+    assert sorted([forward, chat, lora], key=lambda c: warm_kernels.collection_rank(c, True)) == [
+        lora,
+        chat,
+        forward,
+    ]
+    assert sorted([lora, chat, forward], key=warm_kernels.collection_rank) == [forward, chat, lora]
+    assert not warm_kernels.all_warm("fp32")
+    for kind in ("fp32", "fp32-lora", "nf4"):
+        for spec in warm_kernels_zoo_hybrids():
+            warm_kernels._mark_warm(kind, spec, {})
+    assert warm_kernels.all_warm("fp32") and not warm_kernels.all_warm("bf16")
+
+
+def warm_kernels_zoo_hybrids() -> list[str]:
+    from conformance import zoo
+
+    return [spec.name for spec in zoo.ZOO if spec.hybrid]
+
+
+def test_a_warm_up_marks_each_model_it_warmed_in_the_caches(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(warm_kernels, "_warm_one", lambda name, kind: {"model": name, "seconds": 1.0})
     args = type("Args", (), {"dir": tmp_path, "kind": "fp32"})()
     warm_kernels._warm_all(["qwen3_5-plain"], args, [])
-    assert warm_kernels.machine_marker("fp32", "qwen3_5-plain").exists()
+    assert warm_kernels.warm_in_cache("fp32", "qwen3_5-plain")
 
     def broken(name, kind):
         raise RuntimeError("no kernel")
 
     monkeypatch.setattr(warm_kernels, "_warm_one", broken)
     warm_kernels._warm_all(["qwen3_next-plain"], args, [])
-    assert not warm_kernels.machine_marker("fp32", "qwen3_next-plain").exists()  # failed: not warm
+    assert not warm_kernels.warm_in_cache("fp32", "qwen3_next-plain")  # failed: not warm
