@@ -15,9 +15,9 @@ Under pytest-xdist on a GPU, the controller starts the warm-ups the selected hyb
 need as soon as the workers report their collection (:func:`start`), one process per kind and
 hybrid family (:func:`lane`), so the three families compile side by side. The kinds: the
 leg's dtype (forward and KV-cache decode), the leg's dtype with a LoRA training step
-(backward kernels: the slowest to compile), and NF4 (4-bit weights, computed in bf16). The
-hybrid cases are ordered last (conftest.py), and each waits only for the warm-ups its test
-needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The warm-up
+(backward kernels: the slowest to compile), and NF4 (4-bit weights, computed in bf16). While
+any warm-up is to run, the hybrid cases are ordered last (conftest.py), and each waits only
+for the warm-ups its test needs (:func:`needs`, :func:`wait`), at most ``CONFORMANCE_WARM_WAIT_S`` seconds. The warm-up
 only fills caches: a case computes the same with or without it, and a warm-up that fails or is
 late costs time, never a result. Warm-ups of one lane take turns on a machine (a lock per
 lane): runs side by side, as the retire proof's, compile each kernel once between them, and a
