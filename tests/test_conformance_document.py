@@ -398,29 +398,34 @@ def test_only_the_controller_writes_the_report_and_writes_it_after_an_internal_e
     assert (tmp_path / "c" / "conformance.md").is_file()
 
 
+def _passed(nodeid: str, seconds: float, user_properties: list, **more):
+    """A passed case's call report, as pytest (or pytest-xdist's controller) hands it over."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        nodeid=nodeid,
+        duration=seconds,
+        when="call",
+        outcome="passed",
+        skipped=False,
+        failed=False,
+        longrepr=None,
+        user_properties=user_properties,
+        **more,
+    )
+
+
 def test_a_report_says_where_the_cases_seconds_went() -> None:
     """Each case's timing (the conftest's ``_timing`` fixture, carried as a user property like
     the metrics) adds up in the report: a slow leg says whether references, kernel warm-ups
     or the workers' setup took the time."""
-    from types import SimpleNamespace
 
     from conformance import report
 
     run = report.ConformanceReport(config=None, header={"versions": {}})
 
     def log(nodeid: str, seconds: float, timing: dict) -> None:
-        run.pytest_runtest_logreport(
-            SimpleNamespace(
-                nodeid=nodeid,
-                duration=seconds,
-                when="call",
-                outcome="passed",
-                skipped=False,
-                failed=False,
-                longrepr=None,
-                user_properties=[(report.TIMING_PROPERTY, timing)],
-            )
-        )
+        run.pytest_runtest_logreport(_passed(nodeid, seconds, [(report.TIMING_PROPERTY, timing)]))
 
     setup = {"zoo_s": 8.0, "oracle_up_front_s": 40.0, "oracle_share": 12}
     log(
@@ -485,19 +490,7 @@ def test_a_report_gives_each_workers_span() -> None:
         run.pytest_runtest_logstart(nodeid, None)
         run.case_started[nodeid] = run.started + 100.0 - started_ago
         node = SimpleNamespace(gateway=SimpleNamespace(id=worker)) if worker else None
-        run.pytest_runtest_logreport(
-            SimpleNamespace(
-                nodeid=nodeid,
-                duration=seconds,
-                when="call",
-                outcome="passed",
-                skipped=False,
-                failed=False,
-                longrepr=None,
-                user_properties=[],
-                node=node,
-            )
-        )
+        run.pytest_runtest_logreport(_passed(nodeid, seconds, [], node=node))
     data = run.summary()
     assert data["workers"] == {
         "gw0": {"first_started_s": 0.0, "ended_s": 40.0, "cases": 2},

@@ -57,7 +57,8 @@ def test_a_selection_without_hybrid_models_starts_nothing(tmp_path: Path, monkey
     assert warm_kernels.start(tmp_path / "warm", IDS[:1], "fp32") == []
 
 
-def test_start_marks_each_warm_up_pending_before_its_child_runs(tmp_path: Path, monkeypatch) -> None:
+def _children_stood_in(monkeypatch) -> list[list[str]]:
+    """The warm-up children's commands, none of them run (every zoo model buildable)."""
     started = []
 
     class Child:
@@ -68,6 +69,11 @@ def test_start_marks_each_warm_up_pending_before_its_child_runs(tmp_path: Path, 
 
     monkeypatch.setattr(subprocess, "Popen", Child)
     monkeypatch.setattr("conformance.zoo.transformers_builds", lambda spec: True)
+    return started
+
+
+def test_start_marks_each_warm_up_pending_before_its_child_runs(tmp_path: Path, monkeypatch) -> None:
+    started = _children_stood_in(monkeypatch)
     children = warm_kernels.start(tmp_path / "warm", IDS, "fp32")
     # One process per kind and hybrid family: the families compile side by side.
     assert len(children) == 4
@@ -257,16 +263,7 @@ def test_the_markers_live_and_go_with_both_caches(tmp_path: Path, monkeypatch) -
 def test_warm_ups_the_caches_hold_are_not_started(tmp_path: Path, monkeypatch) -> None:
     """A session whose caches hold a lane's every model starts no process for it (the report
     says so), and starts the rest with only the models still cold."""
-    started = []
-
-    class Child:
-        pid = 4242
-
-        def __init__(self, command, **kwargs):
-            started.append(command)
-
-    monkeypatch.setattr(subprocess, "Popen", Child)
-    monkeypatch.setattr("conformance.zoo.transformers_builds", lambda spec: True)
+    started = _children_stood_in(monkeypatch)
     ids = [*IDS, "conformance/test_forward.py::test_forward_logits[qwen3_5_moe-yarn-FastModel]"]
     for model in ("qwen3_5_moe-plain", "qwen3_5_moe-yarn"):
         warm_kernels._mark_warm("fp32", model, {})
