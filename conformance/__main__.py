@@ -48,9 +48,9 @@ def _parallel_args(args: list[str]) -> list[str]:
 
     The models are tiny and the card is large: a leg is bound by Python and kernel launches,
     so CONFORMANCE_WORKERS processes (default: three quarters of the CPU cores, 2 to 12, on a
-    GPU; none on CPU) share it, each with its share of the cores for torch's threads. On one
-    H200 machine (16 cores: 12 workers) the whole leg 2026.10 ended in 232 s that way, compile
-    caches warm (conformance/README.md, "How long it takes"). They share
+    GPU; none on CPU) share it, each with its share of the cores for torch's threads
+    (conftest.py). On one H200 machine (16 cores: 12 workers) the whole leg 2026.10 ended in
+    230 s that way, compile caches warm (conformance/README.md, "How long it takes"). They share
     one oracle cache (oracle_client.py computes each reference once, under a lock);
     ``--dist loadgroup`` keeps each RoPE-grid family's batch in one process.
     """
@@ -71,24 +71,6 @@ def _parallel_args(args: list[str]) -> list[str]:
     return ["-n", workers, "--dist", "loadgroup"] if int(workers) > 0 else []
 
 
-def _threads_per_worker(pytest_args: list[str]) -> None:
-    """Each pytest-xdist worker (and the processes it starts: references, kernel warm-ups) gets
-    its share of the CPU cores for torch's CPU threads, unless the caller set OMP_NUM_THREADS.
-    By default every process starts one thread per core. On one H200 machine (16 cores) twelve
-    workers summed 1.9x the RoPE grid's case seconds of eight (1468 s vs 768 s) and the leg
-    got no further (423 cases in 414 s vs 425 in 382 s), with load averages up to 56."""
-    workers = 0
-    for index, arg in enumerate(pytest_args):
-        if arg in ("-n", "--numprocesses") and index + 1 < len(pytest_args):
-            workers = int(pytest_args[index + 1]) if pytest_args[index + 1].isdigit() else 0
-        elif arg.startswith("-n") and arg[2:].isdigit():
-            workers = int(arg[2:])
-        elif arg.startswith("--numprocesses=") and arg.split("=", 1)[1].isdigit():
-            workers = int(arg.split("=", 1)[1])
-    if workers > 0:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m conformance",
@@ -99,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     pytest_args = list(rest) if _names_tests(rest) else [str(SUITE), *rest]
     pytest_args += _parallel_args(rest)
-    _threads_per_worker(pytest_args)
     if args.report:
         pytest_args += ["--conformance-report", args.report]
     if zoo.CHECKOUT is None:
